@@ -1,0 +1,60 @@
+"""The ModelAdapter seam: one call to one model, classified errors, real usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+JSONSchema = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """What a stage asks of a model. `output_schema` is a JSON Schema for structured output."""
+
+    model: str
+    prompt: str
+    system: str | None = None
+    output_schema: JSONSchema | None = None
+    temperature: float | None = 0.0
+    max_output_tokens: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens as the provider counted them (input is what TPM limits count)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    thinking_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.thinking_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResponse:
+    text: str
+    usage: Usage
+    model: str
+    status_code: int = 200
+    finish_reason: str | None = None
+    parsed: Any = None
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """Makes exactly one provider request per `generate` call; never retries on its own.
+
+    Failures must be raised as `llm_batch_queue.errors.CallError` subclasses.
+    """
+
+    async def generate(self, request: ModelRequest) -> ModelResponse: ...
+
+    async def count_tokens(self, request: ModelRequest) -> int | None:
+        """Input tokens of `request` as the provider counts them, or None if not cheap/available."""
+        ...
+
+    async def aclose(self) -> None: ...
