@@ -1,0 +1,185 @@
+"""Frozen value types for runs, items, jobs and attempts, shared by every Store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+JSON = Any  # a value json.dumps accepts
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"  # every item completed and every run stage succeeded
+    COMPLETED_WITH_FAILURES = "completed_with_failures"  # some items need re-upload
+    FAILED = "failed"  # a run stage gave up
+
+
+class ItemStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    NEEDS_REUPLOAD = "needs_reupload"
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"  # waiting for the stages it depends on
+    READY = "ready"
+    RUNNING = "running"  # claimed under a lease
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # gave up; its item needs re-upload
+    CANCELLED = "cancelled"  # an earlier stage of its item gave up
+
+    @property
+    def settled(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Scope(StrEnum):
+    ITEM = "item"  # one job per item
+    RUN = "run"  # one job per run, after every item has settled
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """The part of a stage the Store needs: graph shape, priority, attempt budget."""
+
+    name: str
+    scope: Scope
+    after: tuple[str, ...] = ()
+    max_attempts: int = 5
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewItem:
+    key: str
+    payload: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: str
+    pipeline: str
+    name: str
+    status: RunStatus
+    meta: JSON
+    created_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    id: str
+    run_id: str
+    key: str
+    status: ItemStatus
+    payload: JSON
+    outputs: dict[str, JSON]
+    error: str | None
+    failures: int  # times this item ended needing re-upload
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    run_id: str
+    item_id: str | None
+    stage: str
+    status: JobStatus
+    priority: int
+    attempts: int  # attempts that counted against max_attempts
+    max_attempts: int
+    next_run_at: float
+    model_index: int  # position in the stage's model chain to use next
+    last_error: str | None
+    model_failures: int = 0  # counted failures in a row on the model at model_index
+    output: JSON = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    job_id: str
+    token: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    job: Job
+    lease: Lease
+    run: Run
+    item: Item | None
+    reclaimed: bool = False  # the previous owner's lease had expired
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one attempt did, recorded on completion or failure."""
+
+    started_at: float
+    finished_at: float
+    model: str | None = None  # None for stages that call no model
+    is_fallback: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    thinking_tokens: int = 0
+    status_code: int | None = None
+    error_kind: str | None = None
+    error_message: str | None = None
+    counted: bool = True  # False for 429s and lease deferrals: they burn no retries
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    id: int
+    job_id: str
+    stage: str
+    item_key: str | None
+    result: AttemptResult
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    at: float
+    model_index: int
+    reason: str
+    counted: bool = True  # does this failure use up one of the job's attempts?
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    reason: str
+
+
+Outcome = Retry | GiveUp
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """An outbox row: written in the transaction that caused it, delivered after commit."""
+
+    id: int
+    run_id: str
+    kind: str
+    key: str
+    payload: JSON
+    status: str  # pending | sent | failed
+    attempts: int
+    created_at: float
+    sent_at: float | None = None
+    error: str | None = None
+    next_attempt_at: float = 0.0
+
+
+@dataclass(slots=True)
+class RunCounts:
+    """Aggregates for progress displays and summaries."""
+
+    items_by_status: dict[str, int] = field(default_factory=dict)
+    jobs_by_stage_status: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    @property
+    def items_total(self) -> int:
+        return sum(self.items_by_status.values())

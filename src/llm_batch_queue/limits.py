@@ -1,0 +1,129 @@
+"""Per-model limits and the admission policy over a sliding window.
+
+`admit` is pure: a Store gathers the model's recent reservations inside one transaction (or under
+one lock) and applies the verdict in that same transaction, so the check and the booking are atomic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from llm_batch_queue.errors import ConfigError, RequestTooLarge
+
+GEMINI_DAY_TZ = "America/Los_Angeles"  # Gemini resets requests-per-day at midnight Pacific
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """Provider limits for one model; None means unlimited.
+
+    `window_margin_s` widens the minute window a little so that requests reserved 60 s apart
+    but delayed differently on the wire never land in the provider's same minute.
+    """
+
+    rpm: int | None = None
+    tpm: int | None = None  # input tokens, as the provider counts them
+    rpd: int | None = None
+    max_in_flight: int | None = None
+    day_tz: str = GEMINI_DAY_TZ
+    window_s: float = 60.0
+    window_margin_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "rpd", "max_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        try:
+            ZoneInfo(self.day_tz)
+        except Exception:
+            raise ConfigError(f"unknown time zone for the provider day: {self.day_tz!r}") from None
+
+    @property
+    def span_s(self) -> float:
+        return self.window_s + self.window_margin_s
+
+
+@dataclass(frozen=True, slots=True)
+class WindowEntry:
+    at: float
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The model's bookings that matter for a decision at `now`."""
+
+    window: Sequence[WindowEntry]  # reservations with at > now - span_s, any order
+    day_requests: int  # reservations since the provider day began
+    in_flight: int  # reservations not yet reconciled
+    blocked_until: float = 0.0  # provider cool-down or daily park
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    retry_at: float
+    reason: str  # rpm | tpm | rpd | in_flight | cooldown
+
+
+Verdict = Admit | Deny
+
+
+def admit(limits: ModelLimits, usage: Usage, tokens: int, now: float) -> Verdict:
+    """Would one more request of `tokens` input tokens keep every window within its limit?"""
+    if limits.tpm is not None and tokens > limits.tpm:
+        raise RequestTooLarge(
+            f"request needs {tokens} input tokens but the model allows {limits.tpm} per minute;"
+            " it can never be admitted — split the input"
+        )
+    if usage.blocked_until > now:
+        return Deny(usage.blocked_until, "cooldown")
+    if limits.rpd is not None and usage.day_requests + 1 > limits.rpd:
+        return Deny(next_day_start(now, limits.day_tz), "rpd")
+    window = sorted((e for e in usage.window if e.at > now - limits.span_s), key=lambda e: e.at)
+    waits: list[Deny] = []
+    if limits.rpm is not None and len(window) + 1 > limits.rpm:
+        # the request that frees a slot is the (len - rpm + 1)-th oldest
+        oldest = window[len(window) - limits.rpm]
+        waits.append(Deny(oldest.at + limits.span_s, "rpm"))
+    if limits.tpm is not None:
+        used = sum(e.tokens for e in window)
+        if used + tokens > limits.tpm:
+            excess = used + tokens - limits.tpm
+            for entry in window:
+                excess -= entry.tokens
+                if excess <= 0:
+                    waits.append(Deny(entry.at + limits.span_s, "tpm"))
+                    break
+    if limits.max_in_flight is not None and usage.in_flight >= limits.max_in_flight:
+        waits.append(Deny(now + 0.05, "in_flight"))
+    if waits:
+        return max(waits, key=lambda d: d.retry_at)
+    return Admit()
+
+
+def day_start(now: float, tz: str) -> float:
+    """Epoch seconds of the provider's current day start (DST-aware)."""
+    local = datetime.fromtimestamp(now, ZoneInfo(tz))
+    return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def next_day_start(now: float, tz: str) -> float:
+    zone = ZoneInfo(tz)
+    local = datetime.fromtimestamp(now, zone)
+    tomorrow = (local + timedelta(days=1)).date()
+    return datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=zone).timestamp()
+
+
+def estimate_tokens(text: str, ratio: float = 0.25) -> int:
+    """A cheap input-token estimate (~4 characters a token), corrected by observed usage."""
+    return max(1, math.ceil(len(text) * ratio))

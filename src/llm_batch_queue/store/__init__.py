@@ -1,0 +1,6 @@
+"""Stores: the Protocol, an in-memory implementation and the SQLAlchemy one."""
+
+from llm_batch_queue.store.base import ModelState, Reservation, Store
+from llm_batch_queue.store.memory import MemoryStore
+
+__all__ = ["MemoryStore", "ModelState", "Reservation", "Store"]

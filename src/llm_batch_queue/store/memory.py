@@ -1,0 +1,442 @@
+"""A real Store in process memory: for tests, notebooks and single-process scripts."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
+
+from llm_batch_queue import transitions
+from llm_batch_queue.errors import LeaseLost
+from llm_batch_queue.jobs import (
+    JSON,
+    Attempt,
+    AttemptResult,
+    ClaimedJob,
+    GiveUp,
+    Item,
+    ItemStatus,
+    Job,
+    JobStatus,
+    Lease,
+    NewItem,
+    Notification,
+    Outcome,
+    Run,
+    RunCounts,
+    RunStatus,
+    Scope,
+    StageSpec,
+)
+from llm_batch_queue.limits import Deny, ModelLimits, Usage, WindowEntry, admit, day_start
+from llm_batch_queue.store.base import ModelState, Reservation
+from llm_batch_queue.store.milestones import Milestones
+
+IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._runs: dict[str, Run] = {}
+        self._stages: dict[str, dict[str, StageSpec]] = {}
+        self._items: dict[str, Item] = {}
+        self._jobs: dict[str, Job] = {}
+        self._leases: dict[str, Lease] = {}
+        self._attempts: list[Attempt] = []
+        self._ledger: dict[int, tuple[str, float, int, bool]] = {}  # id -> model, at, tokens, open
+        self._blocks: dict[str, ModelState] = {}
+        self._outbox: dict[int, Notification] = {}
+        self._notify_kinds: dict[str, frozenset[str]] = {}
+        self._ids = itertools.count(1)
+
+    # runs and items ------------------------------------------------------------------------
+    def create_run(
+        self,
+        *,
+        pipeline: str,
+        name: str,
+        stages: Mapping[str, StageSpec],
+        items: Sequence[NewItem],
+        meta: JSON,
+        now: float,
+        notify: Collection[str] = (),
+    ) -> Run:
+        with self._lock:
+            run = Run(uuid.uuid4().hex, pipeline, name, RunStatus.RUNNING, meta, now, None)
+            self._runs[run.id] = run
+            self._stages[run.id] = dict(stages)
+            self._notify_kinds[run.id] = frozenset(notify)
+            for new in items:
+                item = Item(
+                    uuid.uuid4().hex,
+                    run.id,
+                    new.key,
+                    ItemStatus.QUEUED,
+                    copy.deepcopy(new.payload),
+                    {},
+                    None,
+                    0,
+                )
+                self._items[item.id] = item
+                for spec in stages.values():
+                    if spec.scope is Scope.ITEM:
+                        self._new_job(run.id, item.id, spec, now)
+            for spec in stages.values():
+                if spec.scope is Scope.RUN:
+                    self._new_job(run.id, None, spec, now)
+            self._milestones(run.id).run_queued(len(items), now)
+            if not items:
+                self._advance_run(run.id, now)
+            return run
+
+    def _new_job(self, run_id: str, item_id: str | None, spec: StageSpec, now: float) -> None:
+        job = Job(
+            uuid.uuid4().hex,
+            run_id,
+            item_id,
+            spec.name,
+            transitions.initial_status(spec),
+            spec.priority,
+            0,
+            spec.max_attempts,
+            now,
+            0,
+            None,
+        )
+        self._jobs[job.id] = job
+
+    def get_run(self, run_id: str) -> Run:
+        with self._lock:
+            try:
+                return self._runs[run_id]
+            except KeyError:
+                raise KeyError(f"no run {run_id!r}") from None
+
+    def list_runs(self) -> list[Run]:
+        with self._lock:
+            return sorted(self._runs.values(), key=lambda r: r.created_at)
+
+    def items(self, run_id: str) -> list[Item]:
+        with self._lock:
+            return [i for i in self._items.values() if i.run_id == run_id]
+
+    def jobs(self, run_id: str) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs.values() if j.run_id == run_id]
+
+    def attempts(self, run_id: str) -> list[Attempt]:
+        with self._lock:
+            ids = {j.id for j in self._jobs.values() if j.run_id == run_id}
+            return [a for a in self._attempts if a.job_id in ids]
+
+    def counts(self, run_id: str) -> RunCounts:
+        with self._lock:
+            counts = RunCounts()
+            for item in self.items(run_id):
+                key = item.status.value
+                counts.items_by_status[key] = counts.items_by_status.get(key, 0) + 1
+            for job in self.jobs(run_id):
+                pair = (job.stage, job.status.value)
+                counts.jobs_by_stage_status[pair] = counts.jobs_by_stage_status.get(pair, 0) + 1
+            return counts
+
+    # claiming ----------------------------------------------------------------------------------
+    def _claimable(self, now: float, stages: Collection[str] | None) -> list[tuple[Job, bool]]:
+        found: list[tuple[Job, bool]] = []
+        for job in self._jobs.values():
+            if stages is not None and job.stage not in stages:
+                continue
+            if job.status is JobStatus.READY and job.next_run_at <= now:
+                found.append((job, False))
+            elif job.status is JobStatus.RUNNING and self._leases[job.id].expires_at <= now:
+                found.append((job, True))
+        found.sort(key=lambda p: (-p[0].priority, p[0].next_run_at, p[0].id))
+        return found
+
+    def claim(
+        self,
+        *,
+        worker: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        stages: Collection[str] | None = None,
+    ) -> list[ClaimedJob]:
+        with self._lock:
+            claimed: list[ClaimedJob] = []
+            for job, reclaimed in self._claimable(now, stages):
+                if len(claimed) >= limit:
+                    break
+                if reclaimed:
+                    job = self._expire(job, now)
+                    if job.status is JobStatus.FAILED:
+                        continue
+                lease = Lease(job.id, uuid.uuid4().hex, now + lease_s)
+                self._leases[job.id] = lease
+                job = replace(job, status=JobStatus.RUNNING)
+                self._jobs[job.id] = job
+                item = self._items.get(job.item_id) if job.item_id else None
+                if item is not None and item.status is ItemStatus.QUEUED:
+                    item = replace(item, status=ItemStatus.RUNNING)
+                    self._items[item.id] = item
+                claimed.append(
+                    ClaimedJob(job, lease, self._runs[job.run_id], copy.deepcopy(item), reclaimed)
+                )
+            return claimed
+
+    def _expire(self, job: Job, now: float) -> Job:
+        """The owner died or stalled: count that as a failed attempt, so a job that kills its
+        worker every time ends up failed instead of looping forever."""
+        lease = self._leases.pop(job.id)
+        result = AttemptResult(
+            started_at=lease.expires_at,
+            finished_at=now,
+            error_kind="lease_expired",
+            error_message="lease expired: the worker died or stalled",
+        )
+        self._record(job, result)
+        job = replace(job, attempts=job.attempts + 1, last_error=result.error_message)
+        if job.attempts >= job.max_attempts:
+            job = replace(job, status=JobStatus.FAILED)
+            self._jobs[job.id] = job
+            if job.item_id is not None:
+                item = self._items[job.item_id]
+                self._items[item.id] = replace(item, error=f"{job.stage}: {result.error_message}")
+            self._after_settle(job, now)
+        return job
+
+    def next_due(self, stages: Collection[str] | None = None) -> float | None:
+        with self._lock:
+            times = [
+                j.next_run_at if j.status is JobStatus.READY else self._leases[j.id].expires_at
+                for j in self._jobs.values()
+                if j.status in (JobStatus.READY, JobStatus.RUNNING)
+                and (stages is None or j.stage in stages)
+            ]
+            return min(times) if times else None
+
+    def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease:
+        with self._lock:
+            self._check(lease, now)
+            renewed = replace(lease, expires_at=now + lease_s)
+            self._leases[lease.job_id] = renewed
+            return renewed
+
+    def _check(self, lease: Lease, now: float) -> Job:
+        job = self._jobs.get(lease.job_id)
+        held = self._leases.get(lease.job_id)
+        if (
+            job is None
+            or job.status is not JobStatus.RUNNING
+            or held is None
+            or held.token != lease.token
+        ):
+            raise LeaseLost(f"job {lease.job_id} is no longer leased to this worker")
+        return job
+
+    # finishing ---------------------------------------------------------------------------------
+    def complete(self, lease: Lease, result: AttemptResult, output: JSON, now: float) -> None:
+        with self._lock:
+            job = self._check(lease, now)
+            self._record(job, result)
+            self._jobs[job.id] = replace(
+                job,
+                status=JobStatus.SUCCEEDED,
+                output=copy.deepcopy(output),
+                attempts=job.attempts + (1 if result.counted else 0),
+                last_error=None,
+            )
+            del self._leases[job.id]
+            if job.item_id is not None:
+                item = self._items[job.item_id]
+                outputs = {**item.outputs, job.stage: copy.deepcopy(output)}
+                self._items[item.id] = replace(item, outputs=outputs)
+            self._after_settle(job, now)
+
+    def fail(self, lease: Lease, result: AttemptResult, outcome: Outcome, now: float) -> None:
+        with self._lock:
+            job = self._check(lease, now)
+            self._record(job, result)
+            counted = job.attempts + (1 if result.counted else 0)
+            if isinstance(outcome, GiveUp):
+                self._jobs[job.id] = replace(
+                    job, status=JobStatus.FAILED, attempts=counted, last_error=outcome.reason
+                )
+                del self._leases[job.id]
+                if job.item_id is not None:
+                    item = self._items[job.item_id]
+                    self._items[item.id] = replace(item, error=f"{job.stage}: {outcome.reason}")
+                self._after_settle(job, now)
+                return
+            same_model = outcome.model_index == job.model_index
+            self._jobs[job.id] = replace(
+                job,
+                status=JobStatus.READY,
+                attempts=counted,
+                next_run_at=outcome.at,
+                model_index=outcome.model_index,
+                last_error=outcome.reason,
+                model_failures=(job.model_failures + 1 if same_model else 0)
+                if result.counted
+                else (job.model_failures if same_model else 0),
+            )
+            del self._leases[job.id]
+
+    def _record(self, job: Job, result: AttemptResult) -> None:
+        item_key = self._items[job.item_id].key if job.item_id else None
+        self._attempts.append(Attempt(next(self._ids), job.id, job.stage, item_key, result))
+
+    def _after_settle(self, job: Job, now: float) -> None:
+        stages = self._stages[job.run_id]
+        milestones = self._milestones(job.run_id)
+        if job.item_id is not None:
+            siblings = {j.stage: j for j in self._jobs.values() if j.item_id == job.item_id}
+            step = transitions.item_step(stages, {s: j.status for s, j in siblings.items()})
+            self._apply(step, siblings, now)
+            statuses = {s: self._jobs[j.id].status for s, j in siblings.items()}
+            item = self._items[job.item_id]
+            status = transitions.item_status(statuses)
+            if status is ItemStatus.NEEDS_REUPLOAD and item.status is not status:
+                item = replace(item, failures=item.failures + 1)
+                milestones.item_failed(item, now)
+            self._items[item.id] = replace(item, status=status)
+            milestones.stages_settled(self.counts(job.run_id), stages, now)
+        self._advance_run(job.run_id, now)
+
+    def _apply(self, step: transitions.GraphStep, jobs: Mapping[str, Job], now: float) -> None:
+        for stage in step.ready:
+            self._jobs[jobs[stage].id] = replace(
+                jobs[stage], status=JobStatus.READY, next_run_at=now
+            )
+        for stage in step.cancel:
+            self._jobs[jobs[stage].id] = replace(jobs[stage], status=JobStatus.CANCELLED)
+
+    def _advance_run(self, run_id: str, now: float) -> None:
+        run = self._runs[run_id]
+        if run.status is not RunStatus.RUNNING:
+            return
+        counts = self.counts(run_id)
+        unsettled = sum(
+            n
+            for (stage, st), n in counts.jobs_by_stage_status.items()
+            if self._stages[run_id][stage].scope is Scope.ITEM and not JobStatus(st).settled
+        )
+        run_jobs = {
+            j.stage: j for j in self._jobs.values() if j.run_id == run_id and j.item_id is None
+        }
+        step = transitions.run_step(
+            self._stages[run_id], {s: j.status for s, j in run_jobs.items()}, unsettled == 0
+        )
+        self._apply(step, run_jobs, now)
+        if unsettled:
+            return
+        status = transitions.run_status(
+            {s: self._jobs[j.id].status for s, j in run_jobs.items()}, counts.items_by_status
+        )
+        if status is not RunStatus.RUNNING:
+            self._runs[run_id] = replace(run, status=status, finished_at=now)
+            self._milestones(run_id).run_finished(status, counts, now)
+
+    # rate ledger ---------------------------------------------------------------------------------
+    def reserve(
+        self, model: str, limits: ModelLimits, tokens: int, now: float
+    ) -> Reservation | Deny:
+        with self._lock:
+            since_day = day_start(now, limits.day_tz)
+            rows = [r for r in self._ledger.values() if r[0] == model]
+            usage = Usage(
+                window=[WindowEntry(at, tok) for _, at, tok, _ in rows if at > now - limits.span_s],
+                day_requests=sum(1 for _, at, _, _ in rows if at >= since_day),
+                in_flight=sum(
+                    1 for _, at, _, open_ in rows if open_ and at > now - IN_FLIGHT_TTL_S
+                ),
+                blocked_until=self._blocks[model].blocked_until if model in self._blocks else 0.0,
+            )
+            verdict = admit(limits, usage, tokens, now)
+            if isinstance(verdict, Deny):
+                return verdict
+            rid = next(self._ids)
+            self._ledger[rid] = (model, now, tokens, True)
+            self._prune(now)
+            return Reservation(rid, model, tokens, now)
+
+    def _prune(self, now: float) -> None:
+        # the provider day is at most 25 h long; older bookings can never matter again
+        for rid in [k for k, r in self._ledger.items() if r[1] < now - 26 * 3600]:
+            del self._ledger[rid]
+
+    def reconcile(self, reservation: Reservation, tokens: int) -> None:
+        with self._lock:
+            row = self._ledger.get(reservation.id)
+            if row is not None:
+                self._ledger[reservation.id] = (row[0], row[1], tokens, False)
+
+    def block_model(self, model: str, until: float, reason: str) -> None:
+        with self._lock:
+            current = self._blocks.get(model)
+            if current is None or until > current.blocked_until:
+                self._blocks[model] = ModelState(model, until, reason)
+
+    def model_state(self, model: str, now: float) -> ModelState:
+        with self._lock:
+            state = self._blocks.get(model)
+            if state is None or state.blocked_until <= now:
+                return ModelState(model, 0.0, None)
+            return state
+
+    # outbox -------------------------------------------------------------------------------------
+    def _milestones(self, run_id: str) -> Milestones:
+        return Milestones(
+            run_id, self._notify_kinds.get(run_id, frozenset()), self._add_notification
+        )
+
+    def _add_notification(
+        self, run_id: str, kind: str, key: str, payload: JSON, now: float
+    ) -> None:
+        if any(
+            n.run_id == run_id and n.kind == kind and n.key == key for n in self._outbox.values()
+        ):
+            return  # the unique (run, kind, key) rule of the SQL store
+        nid = next(self._ids)
+        self._outbox[nid] = Notification(nid, run_id, kind, key, payload, "pending", 0, now)
+
+    def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]:
+        with self._lock:
+            due = [
+                n
+                for n in self._outbox.values()
+                if n.status == "pending" and n.next_attempt_at <= now
+            ]
+            return sorted(due, key=lambda n: n.id)[:limit]
+
+    def mark_notification(
+        self,
+        notification_id: int,
+        *,
+        sent: bool,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> None:
+        with self._lock:
+            n = self._outbox[notification_id]
+            if sent:
+                n = replace(n, status="sent", sent_at=now, attempts=n.attempts + 1, error=None)
+            elif retry_at is not None:
+                n = replace(n, attempts=n.attempts + 1, error=error, next_attempt_at=retry_at)
+            else:
+                n = replace(n, status="failed", attempts=n.attempts + 1, error=error)
+            self._outbox[notification_id] = n
+
+    def notifications(self, run_id: str) -> list[Notification]:
+        with self._lock:
+            return sorted(
+                (n for n in self._outbox.values() if n.run_id == run_id), key=lambda n: n.id
+            )
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,54 @@
+"""Outbox rows for pipeline milestones, shared by every Store.
+
+Each Store calls these inside the transaction that caused the milestone; the (run, kind, key)
+uniqueness of the outbox makes every milestone fire at most once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+from llm_batch_queue.jobs import JSON, Item, JobStatus, RunCounts, RunStatus, Scope, StageSpec
+
+AddNotification = Callable[[str, str, str, JSON, float], None]
+
+RUN_QUEUED = "run_queued"
+STAGE_COMPLETE = "stage_complete"
+ITEM_FAILED = "item_failed"
+RUN_FINISHED = "run_finished"
+KINDS = frozenset({RUN_QUEUED, STAGE_COMPLETE, ITEM_FAILED, RUN_FINISHED})
+
+
+@dataclass(frozen=True, slots=True)
+class Milestones:
+    run_id: str
+    kinds: Collection[str]
+    add: AddNotification
+
+    def _emit(self, kind: str, key: str, payload: JSON, now: float) -> None:
+        if kind in self.kinds:
+            self.add(self.run_id, kind, key, payload, now)
+
+    def run_queued(self, items: int, now: float) -> None:
+        self._emit(RUN_QUEUED, "", {"items": items}, now)
+
+    def item_failed(self, item: Item, now: float) -> None:
+        # keyed by the failure count, so a retried item that fails again is reported again
+        payload = {"item_key": item.key, "error": item.error, "failure": item.failures}
+        self._emit(ITEM_FAILED, f"{item.key}#{item.failures}", payload, now)
+
+    def stages_settled(
+        self, counts: RunCounts, stages: Mapping[str, StageSpec], now: float
+    ) -> None:
+        for name, spec in stages.items():
+            if spec.scope is not Scope.ITEM:
+                continue
+            by_status = {
+                st: n for (stage, st), n in counts.jobs_by_stage_status.items() if stage == name
+            }
+            if by_status and all(JobStatus(st).settled for st in by_status):
+                self._emit(STAGE_COMPLETE, name, {"stage": name, "jobs": by_status}, now)
+
+    def run_finished(self, status: RunStatus, counts: RunCounts, now: float) -> None:
+        self._emit(RUN_FINISHED, "", {"status": status.value, "items": counts.items_by_status}, now)
