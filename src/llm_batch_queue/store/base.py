@@ -96,6 +96,10 @@ class Store(Protocol):
         """Record a failed attempt and either schedule the retry or give up."""
         ...
 
+    def release(self, lease: Lease, at: float, reason: str, now: float) -> None:
+        """Hand the job back unrun (no attempt recorded), claimable again at `at`."""
+        ...
+
     # rate ledger --------------------------------------------------------------------------------
     def reserve(
         self, model: str, limits: ModelLimits, tokens: int, now: float

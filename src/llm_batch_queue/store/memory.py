@@ -286,6 +286,14 @@ class MemoryStore:
             )
             del self._leases[job.id]
 
+    def release(self, lease: Lease, at: float, reason: str, now: float) -> None:
+        with self._lock:
+            job = self._check(lease, now)
+            self._jobs[job.id] = replace(
+                job, status=JobStatus.READY, next_run_at=at, last_error=reason
+            )
+            del self._leases[job.id]
+
     def _record(self, job: Job, result: AttemptResult) -> None:
         item_key = self._items[job.item_id].key if job.item_id else None
         self._attempts.append(Attempt(next(self._ids), job.id, job.stage, item_key, result))

@@ -1,0 +1,68 @@
+"""Typed events the dispatcher emits; logging, metrics and progress displays subscribe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class JobClaimed:
+    job_id: str
+    run_id: str
+    stage: str
+    item_key: str | None
+    reclaimed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallSucceeded:
+    job_id: str
+    stage: str
+    model: str | None
+    is_fallback: bool
+    input_tokens: int
+    output_tokens: int
+    latency_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CallFailed:
+    job_id: str
+    stage: str
+    model: str | None
+    error_kind: str
+    message: str
+    status_code: int | None
+    gave_up: bool
+    retry_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FellBack:
+    job_id: str
+    stage: str
+    from_model: str
+    to_model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """No quota now: the job went back unrun, to be claimed again at `until`."""
+
+    job_id: str
+    stage: str
+    model: str
+    reason: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLost:
+    job_id: str
+    stage: str
+
+
+Event = JobClaimed | CallSucceeded | CallFailed | FellBack | Deferred | LeaseLost
+EventSink = Callable[[Event], None]
