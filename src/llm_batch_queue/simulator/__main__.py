@@ -1,0 +1,56 @@
+"""`python -m llm_batch_queue.simulator --port 8765 --model gemini-2.5-flash:rpm=10,tpm=100000`.
+
+Serves until SIGINT or SIGTERM, then prints the final stats as one JSON line. The first line
+printed is `listening on URL`, so a parent process started with `--port 0` can read the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from types import FrameType
+
+from llm_batch_queue.simulator.config import parse_model_spec
+from llm_batch_queue.simulator.server import Simulator
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llm_batch_queue.simulator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=parse_model_spec,
+        metavar="NAME[:key=value,...]",
+        help="repeatable; keys: rpm, tpm, rpd, thinking_tokens, not_found, latency=LOW-HIGH, "
+        "server_error_rate, unavailable_rate, stall_rate, stall_s, not_json_rate, empty_rate, "
+        "truncated_rate",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--api-key", dest="api_keys", action="append", help="repeatable; default: accept any key"
+    )
+    args = parser.parse_args(argv)
+    models = dict(args.models or [parse_model_spec("gemini-2.5-flash")])
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with Simulator(
+        models, seed=args.seed, api_keys=args.api_keys, host=args.host, port=args.port
+    ) as sim:
+        print(f"listening on {sim.url}", flush=True)
+        stop.wait()
+        print(json.dumps({m: s.to_json() for m, s in sim.stats().items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
