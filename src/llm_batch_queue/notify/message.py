@@ -1,0 +1,24 @@
+"""A rendered e-mail, ready for any Transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+XLSX_MIME = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content: bytes
+    mime_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    to: tuple[str, ...]
+    subject: str
+    text: str
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    idempotency_key: str | None = None  # stable per outbox row, for transports that dedupe

@@ -1,0 +1,61 @@
+"""Delivers outbox rows after the transaction that wrote them has committed."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from llm_batch_queue.clock import Clock, SystemClock
+from llm_batch_queue.jobs import Notification
+from llm_batch_queue.notify.message import Message
+from llm_batch_queue.notify.transport import Transport
+from llm_batch_queue.store.base import Store
+
+Compose = Callable[[Notification], Awaitable[Message | None]]
+
+
+class OutboxDelivery:
+    """Renders each pending notification with `compose` and sends it through `transport`.
+
+    A failed send is retried with exponential backoff up to `max_attempts`, then marked failed
+    (it stays visible in the store). `compose` returning None means "nothing to send".
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport,
+        compose: Compose,
+        *,
+        clock: Clock | None = None,
+        max_attempts: int = 5,
+        base_delay_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.compose = compose
+        self.clock = clock or SystemClock()
+        self.max_attempts = max_attempts
+        self.base_delay_s = base_delay_s
+
+    async def drain(self) -> int:
+        sent = 0
+        for note in self.store.pending_notifications(self.clock.now()):
+            try:
+                message = await self.compose(note)
+                if message is not None:
+                    await self.transport.send(message)
+            except Exception as exc:  # the transport's or the template's: keep the row, retry
+                now = self.clock.now()
+                last = note.attempts + 1 >= self.max_attempts
+                retry_at = None if last else now + self.base_delay_s * 2**note.attempts
+                self.store.mark_notification(
+                    note.id,
+                    sent=False,
+                    now=now,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_at=retry_at,
+                )
+                continue
+            self.store.mark_notification(note.id, sent=True, now=self.clock.now())
+            sent += 1
+        return sent
