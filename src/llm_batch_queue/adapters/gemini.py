@@ -1,0 +1,115 @@
+"""GeminiAdapter: the ModelAdapter over the google-genai SDK (the only module importing it).
+
+Settings follow google-genai.md §8: api_version pinned, a timeout always set (the SDK otherwise
+sends none), SDK retries off (the queue owns backoff), automatic continuation off (one job = one
+HTTP request = one rate-limit reservation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+
+import httpx2
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from llm_batch_queue.adapters._google_rpc import error_from_status
+from llm_batch_queue.adapters._output import checked_output
+from llm_batch_queue.adapters.base import ModelRequest, ModelResponse, Usage
+from llm_batch_queue.errors import CallError, InvalidOutput, TransientError
+
+
+class GeminiAdapter:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,  # None: the public endpoint
+        api_version: str = "v1beta",
+        timeout_ms: int = 120_000,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._client = genai.Client(
+            api_key=api_key,
+            http_options=types.HttpOptions(
+                base_url=base_url,
+                api_version=api_version,
+                timeout=timeout_ms,
+                retry_options=types.HttpRetryOptions(attempts=1),
+                headers=dict(headers) if headers else None,
+            ),
+        )
+
+    async def generate(self, request: ModelRequest) -> ModelResponse:
+        wants_json = request.output_schema is not None
+        config = types.GenerateContentConfig(
+            system_instruction=request.system,
+            temperature=request.temperature,
+            max_output_tokens=request.max_output_tokens,
+            response_mime_type="application/json" if wants_json else None,
+            response_json_schema=request.output_schema,
+            automatic_continuation=False,
+        )
+        try:
+            response = await self._client.aio.models.generate_content(
+                model=request.model, contents=request.prompt, config=config
+            )
+        except (genai_errors.APIError, httpx2.TransportError, TimeoutError) as exc:
+            raise _classified(exc) from exc
+
+        feedback = response.prompt_feedback
+        if feedback is not None and feedback.block_reason is not None:
+            raise InvalidOutput(f"prompt blocked: {_name(feedback.block_reason)}", status_code=200)
+        candidate = response.candidates[0] if response.candidates else None
+        finish_reason = _name(candidate.finish_reason) if candidate else None
+        text, parsed = checked_output(
+            response.text, wants_json=wants_json, finish_reason=finish_reason
+        )
+        usage = response.usage_metadata
+        return ModelResponse(
+            text=text,
+            usage=Usage(
+                input_tokens=(usage and usage.prompt_token_count) or 0,
+                output_tokens=(usage and usage.candidates_token_count) or 0,
+                thinking_tokens=(usage and usage.thoughts_token_count) or 0,
+            ),
+            model=request.model,
+            finish_reason=finish_reason,
+            parsed=parsed,
+        )
+
+    async def count_tokens(self, request: ModelRequest) -> int | None:
+        """The prompt's (plus system prompt's) input tokens via the countTokens endpoint.
+
+        The SDK refuses system_instruction here (google-genai.md §4), so the system prompt is
+        counted as one more content item; the provider may charge a few tokens more for its
+        role framing, which the post-call usage corrects.
+        """
+        contents: list[str] = (
+            [request.system, request.prompt] if request.system else [request.prompt]
+        )
+        try:
+            counted = await self._client.aio.models.count_tokens(
+                model=request.model,
+                contents=contents,
+            )
+        except (genai_errors.APIError, httpx2.TransportError, TimeoutError) as exc:
+            raise _classified(exc) from exc
+        return counted.total_tokens
+
+    async def aclose(self) -> None:
+        await self._client.aio.aclose()
+        self._client.close()
+
+
+def _classified(exc: Exception) -> CallError:
+    if isinstance(exc, genai_errors.APIError):
+        return error_from_status(exc.code, exc.message, exc.details)
+    # httpx2.TimeoutException is a TransportError; builtin TimeoutError is the aiohttp path's.
+    return TransientError(f"{type(exc).__name__}: {exc}")
+
+
+def _name(value: Enum | str | None) -> str | None:
+    return value.value if isinstance(value, Enum) else value
