@@ -1,0 +1,204 @@
+"""The dispatcher over the in-memory store and the scripted adapter, on a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm_batch_queue.adapters.scripted import ScriptedAdapter
+from llm_batch_queue.clock import FakeClock
+from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings
+from llm_batch_queue.errors import (
+    InvalidOutput,
+    ModelNotFound,
+    PermanentError,
+    QuotaScope,
+    RateLimited,
+    TransientError,
+)
+from llm_batch_queue.jobs import ItemStatus, JobStatus, NewItem, RunStatus, Scope
+from llm_batch_queue.limits import ModelLimits
+from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
+from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
+from llm_batch_queue.retry import RetryPolicy
+from llm_batch_queue.store import MemoryStore
+from llm_batch_queue.store.milestones import KINDS
+
+pytestmark = pytest.mark.anyio
+
+inserted: list[str] = []
+
+
+async def insert(ctx: StageContext) -> dict[str, str]:
+    inserted.append(ctx.item.key if ctx.item else "")
+    return {"inserted": ctx.output("structure")}
+
+
+async def summarize(ctx: StageContext) -> dict[str, int]:
+    return {
+        "items": len(ctx.items),
+        "completed": sum(i.status is ItemStatus.COMPLETED for i in ctx.items),
+    }
+
+
+def make_pipeline(max_attempts: int = 3) -> Pipeline:
+    return Pipeline(
+        "test",
+        (
+            ModelStage(
+                "analyze",
+                ("pro", "flash"),
+                lambda c: Prompt(f"analyze {c.payload}"),
+                max_attempts=max_attempts,
+            ),
+            ModelStage(
+                "structure",
+                ("flash",),
+                lambda c: Prompt(f"structure {c.output('analyze')}"),
+                after=("analyze",),
+                max_attempts=max_attempts,
+            ),
+            TaskStage("insert", insert, after=("structure",)),
+            TaskStage("summary", summarize, scope=Scope.RUN),
+        ),
+        notify=KINDS,
+    )
+
+
+def setup(
+    items: int,
+    adapter: ScriptedAdapter,
+    limits: dict[str, ModelLimits] | None = None,
+    max_attempts: int = 3,
+) -> tuple[MemoryStore, Dispatcher, str, FakeClock]:
+    inserted.clear()
+    clock = FakeClock()
+    store = MemoryStore()
+    pipeline = make_pipeline(max_attempts)
+    run = store.create_run(
+        pipeline="test",
+        name="upload.csv",
+        stages=pipeline.specs,
+        items=[NewItem(f"b{i}", i) for i in range(items)],
+        meta={},
+        now=clock.now(),
+        notify=pipeline.notify,
+    )
+    dispatcher = Dispatcher(
+        store,
+        pipeline,
+        adapter,
+        limits=limits,
+        clock=clock,
+        retry=RetryPolicy(jitter=0.0),
+        settings=DispatcherSettings(concurrency=4),
+    )
+    return store, dispatcher, run.id, clock
+
+
+async def test_a_clean_run_completes_every_stage_and_runs_the_run_stage_once() -> None:
+    store, dispatcher, run_id, _ = setup(5, ScriptedAdapter())
+    stats = await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    assert sorted(inserted) == [f"b{i}" for i in range(5)]
+    summary = next(j for j in store.jobs(run_id) if j.stage == "summary")
+    assert summary.output == {"items": 5, "completed": 5}
+    assert stats.succeeded == 16 and stats.provider_429 == 0
+    items = {i.key: i for i in store.items(run_id)}
+    assert items["b3"].outputs["structure"].startswith("echo") or items["b3"].outputs["structure"]
+
+
+async def test_day_quota_429_parks_the_primary_and_falls_back_at_once() -> None:
+    adapter = ScriptedAdapter(
+        {"pro": [RateLimited("day", scope=QuotaScope.DAY, quota_id="GenerateRequestsPerDay")]}
+    )
+    store, dispatcher, run_id, clock = setup(3, adapter)
+    start = clock.now()
+    stats = await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    assert len(adapter.calls_to("pro")) == 1  # parked after the first 429: never asked again
+    assert len(adapter.calls_to("flash")) == 3 + 3  # all analyze calls fell back, plus structure
+    assert stats.provider_429 == 1 and stats.fallbacks == 3
+    assert clock.now() - start < 60  # nobody waited for the Pacific midnight reset
+    assert store.model_state("pro", clock.now()).reason == "day"
+    analyze = [a for a in store.attempts(run_id) if a.stage == "analyze"]
+    assert [a.result.counted for a in analyze if a.result.error_kind] == [False]
+
+
+async def test_404_on_the_primary_moves_to_the_next_model() -> None:
+    adapter = ScriptedAdapter({"pro": [ModelNotFound("models/pro is not found", status_code=404)]})
+    store, dispatcher, run_id, _ = setup(2, adapter)
+    await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    assert len(adapter.calls_to("pro")) == 1
+    failed = [a for a in store.attempts(run_id) if a.result.error_kind]
+    assert [(a.result.model, a.result.status_code) for a in failed] == [("pro", 404)]
+
+
+async def test_retry_exhaustion_marks_the_item_for_reupload_with_the_reason() -> None:
+    adapter = ScriptedAdapter({"flash": [InvalidOutput("truncated JSON")] * 3})
+    store, dispatcher, run_id, _ = setup(1, adapter, max_attempts=3)
+    transport = MemoryTransport()
+
+    async def compose(note: object) -> Message:
+        return Message(("ops@example.org",), json.dumps([note.kind, note.key]), "")  # type: ignore[attr-defined]
+
+    dispatcher._outbox = OutboxDelivery(store, transport, compose, clock=dispatcher.clock)
+    await dispatcher.run_until_idle()
+    item = store.items(run_id)[0]
+    assert item.status is ItemStatus.NEEDS_REUPLOAD
+    assert item.error == "structure: gave up after 3 attempts: truncated JSON"
+    jobs = {j.stage: j.status for j in store.jobs(run_id)}
+    assert jobs == {
+        "analyze": JobStatus.SUCCEEDED,
+        "structure": JobStatus.FAILED,
+        "insert": JobStatus.CANCELLED,
+        "summary": JobStatus.SUCCEEDED,
+    }
+    assert inserted == []
+    assert store.get_run(run_id).status is RunStatus.COMPLETED_WITH_FAILURES
+    subjects = [json.loads(m.subject) for m in transport.sent]
+    assert ["item_failed", "b0#1"] in subjects and ["run_finished", ""] in subjects
+    assert subjects.count(["stage_complete", "structure"]) == 1
+
+
+async def test_permanent_errors_give_up_without_retrying() -> None:
+    adapter = ScriptedAdapter({"pro": [PermanentError("API key not valid", status_code=400)]})
+    store, dispatcher, run_id, _ = setup(1, adapter)
+    await dispatcher.run_until_idle()
+    assert len(adapter.calls) == 1
+    assert store.items(run_id)[0].error == "analyze: permanent error: API key not valid"
+
+
+async def test_transient_errors_back_off_then_fall_back() -> None:
+    adapter = ScriptedAdapter({"pro": [TransientError("503", status_code=503)] * 2})
+    store, dispatcher, run_id, _ = setup(1, adapter, max_attempts=5)
+    await dispatcher.run_until_idle()
+    analyze = [a.result for a in store.attempts(run_id) if a.stage == "analyze"]
+    assert [(r.model, r.error_kind) for r in analyze] == [
+        ("pro", "transient"),
+        ("pro", "transient"),
+        ("flash", None),
+    ]
+    assert analyze[1].started_at - analyze[0].finished_at >= 2.0  # the backoff was waited out
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+
+
+async def test_rpm_limit_holds_and_task_stages_reserve_no_quota() -> None:
+    adapter = ScriptedAdapter()
+    limits = {"pro": ModelLimits(rpm=4, window_margin_s=0.0), "flash": ModelLimits(rpm=100)}
+    store, dispatcher, run_id, clock = setup(12, adapter, limits)
+    start = clock.now()
+    stats = await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    starts = sorted(a.result.started_at for a in store.attempts(run_id) if a.result.model == "pro")
+    assert len(starts) == 12
+    for i in range(len(starts) - 4):
+        assert starts[i + 4] - starts[i] >= 60.0  # never 5 calls inside one 60 s window
+    assert clock.now() - start >= 120.0
+    assert stats.deferred > 0 and stats.provider_429 == 0
+    # insert/summary never touched the ledger: only model names were booked
+    assert {a.result.model for a in store.attempts(run_id) if a.stage in ("insert", "summary")} == {
+        None
+    }
