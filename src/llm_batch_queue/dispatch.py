@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import anyio
 
@@ -41,11 +42,10 @@ class HandlerError(CallError):
     kind = ErrorKind.HANDLER
 
 
-class Outbox:
+class Outbox(Protocol):
     """Something that delivers pending notifications after their transaction committed."""
 
-    async def drain(self) -> int:
-        raise NotImplementedError
+    async def drain(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,92 @@
+"""The app's settings: read from the environment in this one place, overridable by CLI flags."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_batch_queue.errors import ConfigError
+from llm_batch_queue.limits import ModelLimits
+
+# Gemini API "Tier 2" limits as published for these models; override with ELEVRA_LIMITS or
+# --limits when your project's tier differs (the Gemini console shows your real numbers).
+DEFAULT_LIMITS: dict[str, ModelLimits] = {
+    "gemini-2.5-pro": ModelLimits(rpm=1000, tpm=5_000_000, rpd=50_000),
+    "gemini-2.5-flash": ModelLimits(rpm=2000, tpm=3_000_000, rpd=100_000),
+    "gemini-2.5-flash-lite": ModelLimits(rpm=4000, tpm=4_000_000),
+}
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    api_key: str | None = None
+    analyze_models: tuple[str, ...] = ("gemini-2.5-pro", "gemini-2.5-flash")
+    structure_models: tuple[str, ...] = ("gemini-2.5-flash", "gemini-2.5-flash-lite")
+    limits: Mapping[str, ModelLimits] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    uploader_email: str = "admin@example.org"
+    team_email: str = "team@example.org"
+    display_tz: str = "America/New_York"
+    app_url: str = "https://www.elevracommunity.com"
+    hidden: bool = True
+    max_candidates_per_batch: int = 40
+    concurrency: int = 32
+    timeout_ms: int = 120_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AppConfig:
+        base = cls()
+        limits = dict(base.limits)
+        if env.get("ELEVRA_LIMITS"):
+            limits.update(parse_limits(env["ELEVRA_LIMITS"]))
+        return cls(
+            api_key=env.get("GEMINI_API_KEY") or None,
+            analyze_models=_models(env.get("ELEVRA_ANALYZE_MODELS"), base.analyze_models),
+            structure_models=_models(env.get("ELEVRA_STRUCTURE_MODELS"), base.structure_models),
+            limits=limits,
+            uploader_email=env.get("ELEVRA_UPLOADER_EMAIL", base.uploader_email),
+            team_email=env.get("ELEVRA_TEAM_EMAIL", base.team_email),
+            display_tz=env.get("ELEVRA_TIMEZONE", base.display_tz),
+            app_url=env.get("ELEVRA_APP_URL", base.app_url),
+            hidden=env.get("ELEVRA_HIDDEN", "1") != "0",
+            concurrency=_int(env, "ELEVRA_CONCURRENCY", base.concurrency),
+            timeout_ms=_int(env, "GEMINI_TIMEOUT_MS", base.timeout_ms),
+        )
+
+
+def parse_limits(source: str) -> dict[str, ModelLimits]:
+    """Limits from JSON text or a JSON file: {"model": {"rpm": .., "tpm": .., "rpd": ..}}."""
+    text = (
+        Path(source).read_text(encoding="utf-8") if not source.lstrip().startswith("{") else source
+    )
+    try:
+        raw: Any = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"limits are not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError('limits must be a JSON object like {"gemini-2.5-pro": {"rpm": 150}}')
+    allowed = {"rpm", "tpm", "rpd", "max_in_flight", "day_tz"}
+    out: dict[str, ModelLimits] = {}
+    for model, values in raw.items():
+        if not isinstance(values, dict) or set(values) - allowed:
+            raise ConfigError(f"limits for {model!r} must be an object with keys {sorted(allowed)}")
+        out[str(model)] = ModelLimits(**values)
+    return out
+
+
+def _models(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        return default
+    models = tuple(m.strip() for m in value.split(",") if m.strip())
+    if not models:
+        raise ConfigError("a model list must name at least one model")
+    return models
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return int(env[name]) if env.get(name) else default
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {env[name]!r}") from None

@@ -1,0 +1,133 @@
+"""Turns the queue's outbox rows into the app's e-mails (templates in ./emails)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from examples.elevra_upload.batches import Batch
+from examples.elevra_upload.config import AppConfig
+from llm_batch_queue.clock import Clock
+from llm_batch_queue.jobs import Item, Notification
+from llm_batch_queue.notify import XLSX_MIME, Attachment, Message, TemplateRenderer
+from llm_batch_queue.store.base import Store
+
+TEMPLATES = Path(__file__).with_name("emails")
+
+
+def batch_label(item: Item) -> str:
+    try:
+        batch = Batch.from_payload(item.payload)
+    except ValueError:
+        return item.key
+    when = batch.election_date.isoformat() if batch.election_date else batch.year
+    part = f" (part {batch.part}/{batch.parts})" if batch.parts > 1 else ""
+    return " – ".join(str(p) for p in (batch.contest, batch.state, when) if p) + part
+
+
+class ElevraMail:
+    """The `compose` callback of OutboxDelivery for this app."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: AppConfig,
+        clock: Clock,
+        template_dirs: tuple[Path, ...] = (),
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.renderer = TemplateRenderer((*template_dirs, TEMPLATES), tz=config.display_tz)
+
+    async def __call__(self, note: Notification) -> Message | None:
+        run = self.store.get_run(note.run_id)
+        counts = self.store.counts(run.id).items_by_status
+        context: dict[str, Any] = {
+            "run": {"id": run.id, "name": run.name},
+            "meta": run.meta,
+            "now": self.clock.now(),
+            "counts": {
+                "total": sum(counts.values()),
+                "completed": counts.get("completed", 0),
+                "running": counts.get("running", 0),
+                "queued": counts.get("queued", 0),
+                "needs_reupload": counts.get("needs_reupload", 0),
+            },
+        }
+        attachments: tuple[Attachment, ...] = ()
+        if note.kind == "stage_complete":
+            jobs = note.payload["jobs"]
+            context["stage"] = {
+                "name": note.key,
+                "title": note.key.capitalize(),
+                "succeeded": jobs.get("succeeded", 0),
+                "failed": jobs.get("failed", 0),
+                "cancelled": jobs.get("cancelled", 0),
+            }
+        elif note.kind == "item_failed":
+            item = next(i for i in self.store.items(run.id) if i.key == note.payload["item_key"])
+            context["item"] = {
+                "label": batch_label(item),
+                "error": note.payload.get("error") or "unknown",
+                "failure": note.payload.get("failure", 1),
+            }
+        elif note.kind == "run_finished":
+            context["final"], attachments = await self._final(run.id, note.payload["status"])
+        rendered = self.renderer.render(note.kind, context)
+        to = tuple(
+            dict.fromkeys(
+                a
+                for a in (str(run.meta.get("uploader_email", "")), self.config.team_email)
+                if "@" in a
+            )
+        )
+        return Message(
+            to=to,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            attachments=attachments,
+            idempotency_key=f"{run.id}/{note.kind}/{note.key}",
+        )
+
+    async def _final(
+        self, run_id: str, status: str
+    ) -> tuple[dict[str, Any], tuple[Attachment, ...]]:
+        items = self.store.items(run_id)
+        elections: set[int] = set()
+        candidates: set[str] = set()
+        for item in items:
+            inserted = item.outputs.get("insert")
+            if inserted:
+                elections.add(inserted["election_id"])
+                candidates.update(c["slug"] for c in inserted["candidates"])
+        workbook = next(
+            (j.output for j in self.store.jobs(run_id) if j.stage == "workbook" and j.output), None
+        )
+        attachments: tuple[Attachment, ...] = ()
+        if workbook:
+            path = Path(workbook["path"])
+            content = await anyio.Path(path).read_bytes()
+            attachments = (Attachment(path.name, content, XLSX_MIME),)
+        fallbacks = sum(
+            1
+            for a in self.store.attempts(run_id)
+            if a.result.is_fallback and a.result.error_kind is None
+        )
+        final = {
+            "status": status,
+            "elections": len(elections),
+            "candidates": len(candidates),
+            "fallbacks": fallbacks,
+            "hidden": self.config.hidden,
+            "workbook": Path(workbook["path"]).name if workbook else None,
+            "failed": [
+                {"label": batch_label(i), "error": i.error or "unknown"}
+                for i in items
+                if i.status.value == "needs_reupload"
+            ],
+        }
+        return final, attachments
