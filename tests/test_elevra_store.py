@@ -7,6 +7,7 @@ import io
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -197,6 +198,23 @@ def test_empty_structured_output_is_an_insert_error(engine: Engine) -> None:
 def test_insert_result_round_trips_as_json(engine: Engine) -> None:
     (result, *_) = insert_file(engine, SAMPLES / "sample_template.csv")
     assert store.InsertResult.from_payload(result.to_payload()) == result
+
+
+@pytest.mark.postgres
+def test_concurrent_runs_of_the_same_upload(pg_server: Engine) -> None:
+    """Every batch run twice at once (a duplicated job, a stale lease) adds nothing twice."""
+    store.metadata.drop_all(pg_server)
+    store.create_tables(pg_server)
+    batches = group_rows(read_rows(SAMPLES / "sample_nc.csv").rows, max_candidates_per_batch=3)
+    work = [(simulate(b), b) for b in batches] * 2
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(
+            pool.map(
+                lambda job: store.insert_batch(pg_server, job[0], job[1], UPLOADER, True), work
+            )
+        )
+    assert counts(pg_server) == (11, 37, 39)
+    assert sum(c.created for r in results for c in r.candidates) >= 37
 
 
 def test_candidate_slug() -> None:

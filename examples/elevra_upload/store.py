@@ -272,7 +272,8 @@ def _insert(
         conn.scalars(select(candidates.c.slug).where(candidates.c.slug.in_(slugs.values())))
     )
     ids: dict[int, int] = {}
-    for row, out in matches:
+    # Slug order: concurrent batches sharing people lock their rows in one order (no deadlock).
+    for row, out in sorted(matches, key=lambda match: slugs[match[0].row_number]):
         values = _candidate_values(row, out) | {
             "slug": slugs[row.row_number],
             "name": row.full_name,
