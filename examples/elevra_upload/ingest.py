@@ -291,6 +291,8 @@ def _encoding_warnings(
     rows = sorted({bisect.bisect_left(ends, line) for line in bad_lines})
     listed = ", ".join(str(r) for r in rows[:_MAX_LISTED_ROWS])
     more = f" and {len(rows) - _MAX_LISTED_ROWS} more" if len(rows) > _MAX_LISTED_ROWS else ""
+    if rows == [0]:
+        return [Issue(None, f"header: bytes that are not valid UTF-8 were read as {encoding}")]
     if len(rows) == 1:
         return [Issue(rows[0], f"bytes that are not valid UTF-8 were read as {encoding}")]
     return [
@@ -447,7 +449,10 @@ def _map_header(source: str, header: Sequence[str]) -> dict[str, str]:
         accepted = ", ".join(_accepted(f) for f in _NAME_FIELDS)
         missing.append(f"a candidate name column (accepted: {accepted})")
     if missing:
-        raise IngestError(f"{source}: missing {' and '.join(missing)}; columns found: {found}")
+        raise IngestError(
+            f"{source}: missing {' and '.join(missing)}; columns found: {found} "
+            "(column names are matched ignoring case, spaces and punctuation)"
+        )
     return mapping
 
 
