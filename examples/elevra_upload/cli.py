@@ -78,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     db_url = args.db or f"sqlite:///{out / 'elevra.db'}"
 
+    if not args.file.is_file():
+        raise IngestError(f"{args.file}: no such file")
     ingest = read_rows(args.file)
     batches = group_rows(ingest.rows, config.max_candidates_per_batch)
     log = _Progress(quiet=args.quiet)
@@ -137,10 +139,17 @@ def _run(args: argparse.Namespace) -> int:
             outbox=outbox,
         )
         started = time.monotonic()
-        anyio.run(dispatcher.run_until_idle)
+
+        async def dispatch() -> None:
+            # one event loop for the calls and the client's close: its connections belong to it
+            try:
+                await dispatcher.run_until_idle()
+            finally:
+                await adapter.aclose()
+
+        anyio.run(dispatch)
         elapsed = time.monotonic() - started
     finally:
-        anyio.run(adapter.aclose)
         if simulator is not None:
             simulator.close()
     summary = _summary(store, run.id, engine, len(ingest.rows), len(batches), elapsed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -65,7 +66,7 @@ class ModelStage:
     scope: Scope = Scope.ITEM
 
     def output_schema(self) -> JSONSchema | None:
-        return self.output_type.model_json_schema() if self.output_type is not None else None
+        return _json_schema(self.output_type) if self.output_type is not None else None
 
     def parse(self, response: ModelResponse) -> JSON:
         text = response.text.strip()
@@ -168,6 +169,12 @@ def _check_acyclic(name: str, by_name: Mapping[str, Stage]) -> None:
 
     for stage in by_name:
         visit(stage, ())
+
+
+@functools.cache
+def _json_schema(model: type[BaseModel]) -> JSONSchema:
+    # building a schema walks the whole model; a stage asks for it on every call
+    return model.model_json_schema()
 
 
 def _strip_fence(text: str) -> str:

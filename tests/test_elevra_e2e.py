@@ -1,0 +1,95 @@
+"""The reference app end to end: real SDK over HTTP to the simulator, SQLite, workbook, e-mail log."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import openpyxl
+import pytest
+
+from examples.elevra_upload.cli import main
+
+SAMPLES = Path(__file__).parents[1] / "examples" / "elevra_upload" / "samples"
+NC_FILE = Path(__file__).parents[2] / "shared" / "data" / "nc_candidates_2025.csv"
+
+
+@pytest.fixture(autouse=True)
+def _no_real_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "ELEVRA_LIMITS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    code = main(["run", *args, "--json", "--quiet"])
+    out = capsys.readouterr().out.strip().splitlines()
+    summary: dict[str, Any] = json.loads(out[-1])
+    summary["exit_code"] = code
+    return summary
+
+
+def emails(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "emails.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sample", ["sample_nc.csv", "sample_template.csv", "sample_template.xlsx"])
+def test_sample_runs_end_to_end_and_a_rerun_adds_nothing(
+    sample: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = run_cli(capsys, str(SAMPLES / sample), "--out", str(tmp_path))
+    assert first["exit_code"] == 0
+    assert first["batches"] > 0 and first["batches_completed"] == first["batches"]
+    assert first["elections"] > 0 and first["candidates"] > 0
+    assert first["provider_429"] == 0
+    book = openpyxl.load_workbook(first["workbook"], read_only=True)
+    results = book["Results"]
+    assert results.max_row - 1 == first["rows"]  # one line per input row
+    sent = emails(tmp_path)
+    assert len(sent) == first["emails"] == 5
+    final = sent[-1]
+    assert final["subject"].startswith("Upload completed")
+    (attachment,) = final["attachments"]
+    assert attachment["filename"] == Path(first["workbook"]).name
+    reopened = openpyxl.load_workbook(io.BytesIO(base64.b64decode(attachment["content_base64"])))
+    assert reopened["Results"].max_row - 1 == first["rows"]
+
+    again = run_cli(capsys, str(SAMPLES / sample), "--out", str(tmp_path))
+    assert again["exit_code"] == 0
+    assert (again["elections"], again["candidates"]) == (first["elections"], first["candidates"])
+    assert again["run_id"] != first["run_id"]
+
+
+def test_bad_input_is_refused_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "people.csv"
+    bad.write_text("colour,shape\nred,round\n", encoding="utf-8")
+    assert main(["run", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "column" in err.lower()
+    assert main(["run", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "out")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not NC_FILE.exists(), reason="the shared NC candidate file is not present")
+def test_the_real_nc_listing_completes_every_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with NC_FILE.open(encoding="cp1252", errors="replace", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    elections = {(r["contest_name"].strip().upper(), r["election_dt"]) for r in rows}
+    summary = run_cli(capsys, str(NC_FILE), "--out", str(tmp_path))
+    assert summary["exit_code"] == 0
+    assert summary["rows"] == len(rows) == 3120
+    assert summary["batches_completed"] == summary["batches"]
+    assert summary["batches_need_reupload"] == 0
+    assert summary["elections"] == len(elections)
+    assert summary["provider_429"] == 0
+    book = openpyxl.load_workbook(summary["workbook"], read_only=True)
+    assert book["Results"].max_row - 1 == 3120
+    finals = [e for e in emails(tmp_path) if e["attachments"]]
+    assert len(finals) == 1
