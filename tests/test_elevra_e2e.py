@@ -1,4 +1,4 @@
-"""The reference app end to end: real SDK over HTTP to the simulator, SQLite, workbook, e-mail log."""
+"""The reference app end to end: real SDK over HTTP to the simulator, SQLite, workbook, mail."""
 
 from __future__ import annotations
 
