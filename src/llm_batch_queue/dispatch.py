@@ -300,7 +300,8 @@ class Dispatcher:
         idx, unblocked_at = self._usable_model(stage, job.model_index, now)
         if idx is None:
             # every remaining model is parked (daily quota) or missing: wait, don't burn attempts
-            self.store.release(lease_box[0], unblocked_at, "every model of the chain is parked", now)
+            reason = "every model of the chain is parked"
+            self.store.release(lease_box[0], unblocked_at, reason, now)
             self.stats.deferred += 1
             return
         model = stage.models[idx]
@@ -400,9 +401,7 @@ class Dispatcher:
             )
         )
 
-    def _usable_model(
-        self, stage: ModelStage, start: int, now: float
-    ) -> tuple[int | None, float]:
+    def _usable_model(self, stage: ModelStage, start: int, now: float) -> tuple[int | None, float]:
         """Skip models parked for the day or not found; wait out short cool-downs instead.
 
         Returns the model index to use, or None and when the first skipped model frees up.
