@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.elevra_upload.cli import main  # noqa: E402
+from examples.elevra_upload.cli import main
 
 DEFAULT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nc_candidates_2025.csv"
 
