@@ -202,3 +202,25 @@ async def test_rpm_limit_holds_and_task_stages_reserve_no_quota() -> None:
     assert {a.result.model for a in store.attempts(run_id) if a.stage in ("insert", "summary")} == {
         None
     }
+
+
+async def test_run_once_respects_max_jobs_and_leaves_the_rest_for_the_next_tick() -> None:
+    store, dispatcher, run_id, _ = setup(5, ScriptedAdapter())
+    stats = await dispatcher.run_once(max_jobs=3)
+    assert stats.claimed == 3
+    done = [j for j in store.jobs(run_id) if j.status is JobStatus.SUCCEEDED]
+    assert len(done) == 3
+    assert store.get_run(run_id).status is RunStatus.RUNNING
+    await dispatcher.run_once()
+    await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+
+
+async def test_run_once_does_not_wait_for_backoffs() -> None:
+    adapter = ScriptedAdapter({"pro": [TransientError("503", status_code=503)]})
+    store, dispatcher, run_id, clock = setup(1, adapter)
+    start = clock.now()
+    await dispatcher.run_once(time_budget_s=30)
+    job = next(j for j in store.jobs(run_id) if j.stage == "analyze")
+    assert job.status is JobStatus.READY and job.next_run_at > clock.now()
+    assert clock.now() - start < 2.0  # returned instead of sleeping through the backoff
