@@ -65,6 +65,9 @@ class MemoryStore:
         now: float,
         notify: Collection[str] = (),
     ) -> Run:
+        keys = [new.key for new in items]
+        if len(set(keys)) != len(keys):  # the SQL store's UNIQUE(run_id, key)
+            raise ValueError("item keys must be unique within a run")
         with self._lock:
             run = Run(uuid.uuid4().hex, pipeline, name, RunStatus.RUNNING, meta, now, None)
             self._runs[run.id] = run
@@ -91,7 +94,7 @@ class MemoryStore:
             self._milestones(run.id).run_queued(len(items), now)
             if not items:
                 self._advance_run(run.id, now)
-            return run
+            return self._runs[run.id]  # a run with nothing to do is finished already
 
     def _new_job(self, run_id: str, item_id: str | None, spec: StageSpec, now: float) -> None:
         job = Job(
@@ -171,6 +174,10 @@ class MemoryStore:
             for job, reclaimed in self._claimable(now, stages):
                 if len(claimed) >= limit:
                     break
+                # an expiry earlier in this loop may have cancelled this job: use its current state
+                job = self._jobs[job.id]
+                if job.status is not (JobStatus.RUNNING if reclaimed else JobStatus.READY):
+                    continue
                 if reclaimed:
                     job = self._expire(job, now)
                     if job.status is JobStatus.FAILED:
