@@ -1,0 +1,226 @@
+"""Claiming jobs under a lease, reclaiming expired leases, heartbeats.
+
+On PostgreSQL, candidates are taken with FOR UPDATE SKIP LOCKED, so concurrent claimers get
+disjoint jobs without waiting for each other (D-2). Expired leases are reclaimed by the same
+query (no separate sweeper, D-5): the expiry is counted as an attempt, and a job that reaches
+max_attempts that way fails and settles its item and run in this transaction (D-7).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Row, and_, case, func, or_, select, update
+
+from llm_batch_queue.errors import LeaseLost
+from llm_batch_queue.jobs import AttemptResult, ClaimedJob, ItemStatus, Job, JobStatus, Lease
+from llm_batch_queue.store.sql import graph
+from llm_batch_queue.store.sql.locks import lock_run
+from llm_batch_queue.store.sql.rows import attempt_values, to_item, to_job, to_run
+from llm_batch_queue.store.sql.tables import attempts, items, jobs, runs
+
+EXPIRED_MESSAGE = "lease expired: the worker died or stalled"  # as MemoryStore writes it
+NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_expires_at": None, "leased_by": None}
+
+SpecOf = Callable[[Connection, str], graph.RunSpec]
+
+
+def claim(
+    conn: Connection,
+    spec_of: SpecOf,
+    *,
+    worker: str,
+    now: float,
+    limit: int,
+    lease_s: float,
+    stages: Collection[str] | None,
+) -> list[ClaimedJob]:
+    claimed: list[ClaimedJob] = []
+    # jobs this call has looked at or released itself: MemoryStore picks its candidates once,
+    # so neither is claimed again in the same call
+    seen: set[str] = set()
+    while len(claimed) < limit:
+        rows = conn.execute(_candidates(now, stages, seen, limit - len(claimed))).all()
+        if not rows:
+            break
+        for row in rows:
+            seen.add(row.id)
+            job, reclaimed = to_job(row), row.status == JobStatus.RUNNING.value
+            if reclaimed:
+                expired = _expire(conn, spec_of, row, now)
+                if expired is None:  # its run is busy: leave it to the next claim
+                    continue
+                job, released = expired
+                if job.status is JobStatus.FAILED:
+                    seen |= released
+                    break  # the rest of this batch may have been cancelled: query again
+            claimed.append(_lease(conn, job, worker, now, lease_s, reclaimed))
+    return claimed
+
+
+def _candidates(now: float, stages: Collection[str] | None, seen: set[str], n: int) -> Any:
+    query = (
+        select(jobs)
+        .where(
+            or_(
+                and_(jobs.c.status == JobStatus.READY.value, jobs.c.next_run_at <= now),
+                and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_expires_at <= now),
+            )
+        )
+        .order_by(jobs.c.priority.desc(), jobs.c.next_run_at, jobs.c.id)
+        .limit(n)
+        .with_for_update(skip_locked=True)
+    )
+    if stages is not None:
+        query = query.where(jobs.c.stage.in_(list(stages)))
+    if seen:
+        query = query.where(jobs.c.id.not_in(list(seen)))
+    return query
+
+
+def _lease(
+    conn: Connection, job: Job, worker: str, now: float, lease_s: float, reclaimed: bool
+) -> ClaimedJob:
+    lease = Lease(job.id, uuid.uuid4().hex, now + lease_s)
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job.id)
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=job.attempts,
+            last_error=job.last_error,
+            lease_token=lease.token,
+            lease_expires_at=lease.expires_at,
+            leased_by=worker,
+            updated_at=now,
+        )
+    )
+    item = None
+    if job.item_id is not None:
+        conn.execute(
+            update(items)
+            .where(items.c.id == job.item_id, items.c.status == ItemStatus.QUEUED.value)
+            .values(status=ItemStatus.RUNNING.value)
+        )
+        item = to_item(conn.execute(select(items).where(items.c.id == job.item_id)).one())
+    run = to_run(conn.execute(select(runs).where(runs.c.id == job.run_id)).one())
+    return ClaimedJob(replace(job, status=JobStatus.RUNNING), lease, run, item, reclaimed)
+
+
+def _expire(
+    conn: Connection, spec_of: SpecOf, row: Row[Any], now: float
+) -> tuple[Job, set[str]] | None:
+    """Count the dead owner's attempt, so a job that kills its worker every time ends failed
+    instead of looping forever. None if the job would fail but its run is busy."""
+    job = to_job(row)
+    job = replace(job, attempts=job.attempts + 1, last_error=EXPIRED_MESSAGE)
+    fails = job.attempts >= job.max_attempts
+    # failing settles the item and run: take their locks without waiting, since we already
+    # hold other candidates' locks that a settling transaction may be waiting for
+    if fails and not (
+        lock_run(conn, job.run_id, wait=False) and _open_jobs_free(conn, job.run_id, job.item_id)
+    ):
+        return None
+    result = AttemptResult(
+        started_at=row.lease_expires_at,
+        finished_at=now,
+        error_kind="lease_expired",
+        error_message=EXPIRED_MESSAGE,
+    )
+    record(conn, job, result)
+    if not fails:
+        return job, set()
+    job = replace(job, status=JobStatus.FAILED)
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job.id)
+        .values(
+            status=job.status.value,
+            attempts=job.attempts,
+            last_error=job.last_error,
+            updated_at=now,
+            **NO_LEASE,
+        )
+    )
+    if job.item_id is not None:
+        conn.execute(
+            update(items)
+            .where(items.c.id == job.item_id)
+            .values(error=f"{job.stage}: {EXPIRED_MESSAGE}")
+        )
+    return job, graph.after_settle(conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now)
+
+
+def _open_jobs_free(conn: Connection, run_id: str, item_id: str | None) -> bool:
+    """Lock the open jobs settlement may change; False if another claimer holds one."""
+    scope: ColumnElement[bool] = jobs.c.item_id.is_(None)
+    if item_id is not None:
+        scope = or_(scope, jobs.c.item_id == item_id)
+    where = and_(
+        jobs.c.run_id == run_id,
+        scope,
+        jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.READY.value]),
+    )
+    locked = conn.execute(select(jobs.c.id).where(where).with_for_update(skip_locked=True)).all()
+    return len(locked) == conn.execute(select(func.count()).where(where)).scalar_one()
+
+
+def record(conn: Connection, job: Job, result: AttemptResult) -> None:
+    item_key = None
+    if job.item_id is not None:
+        item_key = conn.execute(select(items.c.key).where(items.c.id == job.item_id)).scalar()
+    conn.execute(attempts.insert().values(attempt_values(job.id, job.stage, item_key, result)))
+
+
+def take(conn: Connection, lease: Lease) -> Job:
+    """Lock the job if the caller still holds its lease; otherwise LeaseLost, nothing changed."""
+    row = conn.execute(
+        select(jobs)
+        .where(
+            jobs.c.id == lease.job_id,
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.lease_token == lease.token,
+        )
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise LeaseLost(f"job {lease.job_id} is no longer leased to this worker")
+    return to_job(row)
+
+
+def leased_update(conn: Connection, lease: Lease, **values: Any) -> None:
+    """UPDATE the job only while `lease` holds it; LeaseLost (and nothing written) otherwise."""
+    done = conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.id == lease.job_id,
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.lease_token == lease.token,
+        )
+        .values(**values)
+    )
+    if done.rowcount == 0:
+        raise LeaseLost(f"job {lease.job_id} is no longer leased to this worker")
+
+
+def heartbeat(conn: Connection, lease: Lease, now: float, lease_s: float) -> Lease:
+    renewed = replace(lease, expires_at=now + lease_s)
+    leased_update(conn, lease, lease_expires_at=renewed.expires_at, updated_at=now)
+    return renewed
+
+
+def next_due(conn: Connection, stages: Collection[str] | None) -> float | None:
+    due = case(
+        (jobs.c.status == JobStatus.READY.value, jobs.c.next_run_at),
+        else_=jobs.c.lease_expires_at,
+    )
+    query = select(func.min(due)).where(
+        jobs.c.status.in_([JobStatus.READY.value, JobStatus.RUNNING.value])
+    )
+    if stages is not None:
+        query = query.where(jobs.c.stage.in_(list(stages)))
+    value: float | None = conn.execute(query).scalar()
+    return value

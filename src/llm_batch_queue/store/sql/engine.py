@@ -1,0 +1,88 @@
+"""Engine creation: URL handling and the SQLite connection setup the store relies on.
+
+SQLite serialises writers only if each writing transaction starts with BEGIN IMMEDIATE; the
+sqlite3 driver's own implicit BEGIN is deferred (and skipped for SELECT), which would let two
+processes both read, then both write. So SQLite engines get SQLAlchemy's documented recipe:
+the driver's transaction handling off, and a `begin` hook that emits BEGIN itself — IMMEDIATE
+when the connection carries the `lbq_write` execution option.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+WRITE = "lbq_write"  # execution option: this transaction writes (BEGIN IMMEDIATE on SQLite)
+BUSY_TIMEOUT_S = 30.0
+
+
+def to_url(url_or_path: str | Path) -> str:
+    """Accept SQLAlchemy URLs, bare file paths (SQLite) and `postgres://` URLs."""
+    text = str(url_or_path)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    scheme, rest = text.split("://", 1)
+    if scheme in ("postgres", "postgresql"):  # psycopg 3 is the driver we ship and test
+        return f"postgresql+psycopg://{rest}"
+    return text
+
+
+def make_engine(url_or_path: str | Path, **kwargs: Any) -> Engine:
+    url = make_url(to_url(url_or_path))
+    if url.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kwargs)
+    database = url.database or ""
+    if database in ("", ":memory:"):
+        # one shared connection, or every checkout would see a new empty database
+        kwargs.setdefault("poolclass", StaticPool)
+        kwargs.setdefault("connect_args", {"check_same_thread": False})
+    else:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {"timeout": BUSY_TIMEOUT_S})
+    engine = create_engine(url, **kwargs)
+    configure_sqlite(engine)
+    return engine
+
+
+def is_memory_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite" and (engine.url.database or "") in ("", ":memory:")
+
+
+def configure_sqlite(engine: Engine) -> None:
+    """Install the connect/begin hooks on a SQLite engine (idempotent)."""
+    if event.contains(engine, "connect", _on_connect):
+        return
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    if isinstance(engine.pool, StaticPool):
+        # its one connection may exist already, and disposing it would drop a memory database
+        with engine.connect() as conn:
+            _prepare(conn.connection.dbapi_connection)
+    else:
+        engine.pool.dispose()  # pooled connections predate the connect hook
+
+
+def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    _prepare(dbapi_connection)
+
+
+def _prepare(dbapi_connection: Any) -> None:
+    assert isinstance(dbapi_connection, sqlite3.Connection)
+    dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+    cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough under WAL
+    cursor.close()
+
+
+def _on_begin(conn: Connection) -> None:
+    write = conn.get_execution_options().get(WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -1,0 +1,43 @@
+"""Locks that make check-then-write steps atomic on PostgreSQL.
+
+SQLite needs none of these: every writing transaction there begins with BEGIN IMMEDIATE, which
+serialises all writers of the database file. SQLAlchemy renders no FOR UPDATE on SQLite, so the
+same queries serve both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import Connection, func, select
+
+from llm_batch_queue.store.sql.tables import runs
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for pg_advisory_xact_lock (Python's hash() is salted)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def advisory_lock(conn: Connection, name: str) -> None:
+    """Held until the transaction ends."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(advisory_key(name))))
+
+
+def lock_run(conn: Connection, run_id: str, *, wait: bool = True) -> bool:
+    """Serialise the item/run transitions of one run (read siblings, then decide).
+
+    FOR NO KEY UPDATE, so inserts that merely reference the run (outbox rows) do not block.
+    With wait=False a run locked by someone else returns False at once: claim uses that so it
+    never waits while holding job locks that a settling transaction may need (no deadlock).
+    """
+    if conn.dialect.name != "postgresql":
+        return True
+    query = (
+        select(runs.c.id)
+        .where(runs.c.id == run_id)
+        .with_for_update(key_share=True, skip_locked=not wait)
+    )
+    return conn.execute(query).first() is not None

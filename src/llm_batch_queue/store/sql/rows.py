@@ -1,0 +1,153 @@
+"""Conversions between table rows and the value types of jobs.py."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Row
+
+from llm_batch_queue.jobs import (
+    JSON,
+    Attempt,
+    AttemptResult,
+    Item,
+    ItemStatus,
+    Job,
+    JobStatus,
+    Notification,
+    Run,
+    RunStatus,
+    Scope,
+    StageSpec,
+)
+
+
+def stages_to_json(stages: Mapping[str, StageSpec]) -> JSON:
+    # a list, not an object: JSONB does not keep key order, and stage order decides the order
+    # in which simultaneous milestones are written
+    return [
+        {
+            "name": name,
+            "scope": spec.scope.value,
+            "after": list(spec.after),
+            "max_attempts": spec.max_attempts,
+            "priority": spec.priority,
+        }
+        for name, spec in stages.items()
+    ]
+
+
+def stages_from_json(data: JSON) -> dict[str, StageSpec]:
+    return {
+        d["name"]: StageSpec(
+            name=d["name"],
+            scope=Scope(d["scope"]),
+            after=tuple(d["after"]),
+            max_attempts=d["max_attempts"],
+            priority=d["priority"],
+        )
+        for d in data
+    }
+
+
+def to_run(row: Row[Any]) -> Run:
+    m = row._mapping
+    return Run(
+        m["id"],
+        m["pipeline"],
+        m["name"],
+        RunStatus(m["status"]),
+        m["meta"],
+        m["created_at"],
+        m["finished_at"],
+    )
+
+
+def to_item(row: Row[Any]) -> Item:
+    m = row._mapping
+    return Item(
+        m["id"],
+        m["run_id"],
+        m["key"],
+        ItemStatus(m["status"]),
+        m["payload"],
+        dict(m["outputs"]),
+        m["error"],
+        m["failures"],
+    )
+
+
+def to_job(row: Row[Any]) -> Job:
+    m = row._mapping
+    return Job(
+        id=m["id"],
+        run_id=m["run_id"],
+        item_id=m["item_id"],
+        stage=m["stage"],
+        status=JobStatus(m["status"]),
+        priority=m["priority"],
+        attempts=m["attempts"],
+        max_attempts=m["max_attempts"],
+        next_run_at=m["next_run_at"],
+        model_index=m["model_index"],
+        last_error=m["last_error"],
+        model_failures=m["model_failures"],
+        output=m["output"],
+    )
+
+
+def attempt_values(
+    job_id: str, stage: str, item_key: str | None, result: AttemptResult
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "stage": stage,
+        "item_key": item_key,
+        "model": result.model,
+        "is_fallback": result.is_fallback,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "thinking_tokens": result.thinking_tokens,
+        "status_code": result.status_code,
+        "error_kind": result.error_kind,
+        "error_message": result.error_message,
+        "counted": result.counted,
+    }
+
+
+def to_attempt(row: Row[Any]) -> Attempt:
+    m = row._mapping
+    result = AttemptResult(
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        model=m["model"],
+        is_fallback=m["is_fallback"],
+        input_tokens=m["input_tokens"],
+        output_tokens=m["output_tokens"],
+        thinking_tokens=m["thinking_tokens"],
+        status_code=m["status_code"],
+        error_kind=m["error_kind"],
+        error_message=m["error_message"],
+        counted=m["counted"],
+    )
+    return Attempt(m["id"], m["job_id"], m["stage"], m["item_key"], result)
+
+
+def to_notification(row: Row[Any]) -> Notification:
+    m = row._mapping
+    return Notification(
+        id=m["id"],
+        run_id=m["run_id"],
+        kind=m["kind"],
+        key=m["key"],
+        payload=m["payload"],
+        status=m["status"],
+        attempts=m["attempts"],
+        created_at=m["created_at"],
+        sent_at=m["sent_at"],
+        error=m["error"],
+        next_attempt_at=m["next_attempt_at"],
+    )

@@ -1,0 +1,55 @@
+"""Schema migrations, run from code: the Alembic scripts ship inside the package.
+
+`upgrade(engine)` is idempotent and safe when several processes start at once: the whole upgrade
+runs in one transaction that first takes a lock — a transaction-scoped advisory lock on
+PostgreSQL, BEGIN IMMEDIATE on SQLite — so the second process waits, then finds the schema at
+head and does nothing.
+"""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, func, select
+
+from llm_batch_queue.store.sql.engine import WRITE
+from llm_batch_queue.store.sql.locks import advisory_key
+
+SCRIPT_LOCATION = "llm_batch_queue.store.sql:migrations"
+VERSION_TABLE = "lbq_alembic_version"  # keep in step with migrations/env.py
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic Config built in code: no alembic.ini needed (or shipped)."""
+    config = Config()
+    config.set_main_option("script_location", SCRIPT_LOCATION)
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current(connection: Connection) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    target = head() if revision == "head" else revision
+    with engine.connect() as conn:
+        if _at(conn, target):  # the common case: a plain read, no write lock
+            conn.rollback()
+            return
+    with engine.connect().execution_options(**{WRITE: True}) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(advisory_key("lbq:migrate"))))
+        command.upgrade(alembic_config(conn), revision)
+
+
+def _at(conn: Connection, target: str | None) -> bool:
+    return current(conn) == target

@@ -1,0 +1,315 @@
+"""SQLStore: the Store Protocol on SQLite or PostgreSQL, with MemoryStore's semantics.
+
+Every method is one transaction. Writing transactions begin with BEGIN IMMEDIATE on SQLite
+(engine.py), which serialises them across processes; on PostgreSQL they rely on row locks
+(FOR UPDATE [SKIP LOCKED]), the run lock and advisory locks, as each module explains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, select
+
+from llm_batch_queue.jobs import (
+    JSON,
+    Attempt,
+    AttemptResult,
+    ClaimedJob,
+    Item,
+    ItemStatus,
+    Job,
+    Lease,
+    NewItem,
+    Notification,
+    Outcome,
+    Run,
+    RunCounts,
+    RunStatus,
+    Scope,
+    StageSpec,
+)
+from llm_batch_queue.limits import Deny, ModelLimits
+from llm_batch_queue.store.base import ModelState, Reservation
+from llm_batch_queue.store.sql import claims, graph, ledger, outbox, outcomes, schema
+from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
+from llm_batch_queue.store.sql.rows import (
+    stages_from_json,
+    stages_to_json,
+    to_attempt,
+    to_item,
+    to_job,
+    to_run,
+)
+from llm_batch_queue.store.sql.tables import attempts, jobs, runs
+from llm_batch_queue.store.sql.tables import items as items_table
+from llm_batch_queue.transitions import initial_status
+
+
+class SQLStore:
+    """A Store in a SQL database.
+
+    `url_or_engine`: a SQLAlchemy URL (`sqlite:///path.db`, `sqlite://` for memory,
+    `postgresql+psycopg://...`), a bare file path (SQLite), or an Engine (which stays yours:
+    close() does not dispose it). `migrate=True` brings the schema to the newest revision first.
+    """
+
+    def __init__(self, url_or_engine: str | Path | Engine, *, migrate: bool = True) -> None:
+        if isinstance(url_or_engine, Engine):
+            self._engine, self._owns_engine = url_or_engine, False
+            if url_or_engine.dialect.name == "sqlite":
+                from llm_batch_queue.store.sql.engine import configure_sqlite
+
+                configure_sqlite(url_or_engine)
+        else:
+            self._engine, self._owns_engine = make_engine(url_or_engine), True
+        # an in-memory SQLite database is one shared connection: take turns within the process
+        self._guard: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if is_memory_sqlite(self._engine) else contextlib.nullcontext()
+        )
+        self._specs: dict[str, graph.RunSpec] = {}
+        if migrate:
+            with self._guard:
+                schema.upgrade(self._engine)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool = False) -> Iterator[Connection]:
+        with self._guard, self._engine.connect() as conn:
+            if write:
+                conn.execution_options(**{WRITE: True})
+            with conn.begin():
+                yield conn
+
+    def _spec(self, conn: Connection, run_id: str) -> graph.RunSpec:
+        spec = self._specs.get(run_id)
+        if spec is None:  # immutable once the run exists, so any process may cache it
+            row = conn.execute(select(runs.c.stages, runs.c.notify).where(runs.c.id == run_id))
+            stages, notify = row.one()
+            spec = self._specs[run_id] = graph.RunSpec(stages_from_json(stages), frozenset(notify))
+        return spec
+
+    # runs and items ------------------------------------------------------------------------
+    def create_run(
+        self,
+        *,
+        pipeline: str,
+        name: str,
+        stages: Mapping[str, StageSpec],
+        items: Sequence[NewItem],
+        meta: JSON,
+        now: float,
+        notify: Collection[str] = (),
+    ) -> Run:
+        keys = [new.key for new in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError("item keys must be unique within a run")
+        run_id = uuid.uuid4().hex
+        spec = graph.RunSpec(dict(stages), frozenset(notify))
+        item_rows = [_item_row(run_id, i, new) for i, new in enumerate(items)]
+        job_rows = [
+            _job_row(run_id, row["id"], stage, now)
+            for row in item_rows
+            for stage in stages.values()
+            if stage.scope is Scope.ITEM
+        ]
+        job_rows += [
+            _job_row(run_id, None, s, now) for s in stages.values() if s.scope is Scope.RUN
+        ]
+        for position, row in enumerate(job_rows):
+            row["position"] = position
+        with self._tx(write=True) as conn:
+            conn.execute(
+                runs.insert().values(
+                    id=run_id,
+                    pipeline=pipeline,
+                    name=name,
+                    status=RunStatus.RUNNING.value,
+                    meta=meta,
+                    stages=stages_to_json(stages),
+                    notify=sorted(spec.notify),
+                    created_at=now,
+                )
+            )
+            if item_rows:
+                conn.execute(items_table.insert(), item_rows)
+            if job_rows:
+                conn.execute(jobs.insert(), job_rows)
+            graph.milestones(conn, run_id, spec).run_queued(len(items), now)
+            if not items:
+                graph.advance_run(conn, run_id, spec, now)
+            self._specs[run_id] = spec
+            return to_run(conn.execute(select(runs).where(runs.c.id == run_id)).one())
+
+    def get_run(self, run_id: str) -> Run:
+        with self._tx() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+        if row is None:
+            raise KeyError(f"no run {run_id!r}")
+        return to_run(row)
+
+    def list_runs(self) -> list[Run]:
+        with self._tx() as conn:
+            rows = conn.execute(select(runs).order_by(runs.c.created_at, runs.c.id)).all()
+        return [to_run(r) for r in rows]
+
+    def items(self, run_id: str) -> list[Item]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(items_table)
+                .where(items_table.c.run_id == run_id)
+                .order_by(items_table.c.position)
+            ).all()
+        return [to_item(r) for r in rows]
+
+    def jobs(self, run_id: str) -> list[Job]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(jobs).where(jobs.c.run_id == run_id).order_by(jobs.c.position)
+            ).all()
+        return [to_job(r) for r in rows]
+
+    def attempts(self, run_id: str) -> list[Attempt]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(attempts)
+                .join(jobs, jobs.c.id == attempts.c.job_id)
+                .where(jobs.c.run_id == run_id)
+                .order_by(attempts.c.id)
+            ).all()
+        return [to_attempt(r) for r in rows]
+
+    def counts(self, run_id: str) -> RunCounts:
+        with self._tx() as conn:
+            return graph.counts(conn, run_id)
+
+    # claiming and finishing ------------------------------------------------------------------
+    def claim(
+        self,
+        *,
+        worker: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        stages: Collection[str] | None = None,
+    ) -> list[ClaimedJob]:
+        with self._tx(write=True) as conn:
+            return claims.claim(
+                conn,
+                self._spec,
+                worker=worker,
+                now=now,
+                limit=limit,
+                lease_s=lease_s,
+                stages=stages,
+            )
+
+    def next_due(self, stages: Collection[str] | None = None) -> float | None:
+        with self._tx() as conn:
+            return claims.next_due(conn, stages)
+
+    def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease:
+        with self._tx(write=True) as conn:
+            return claims.heartbeat(conn, lease, now, lease_s)
+
+    def complete(self, lease: Lease, result: AttemptResult, output: JSON, now: float) -> None:
+        with self._tx(write=True) as conn:
+            outcomes.complete(conn, self._spec, lease, result, output, now)
+
+    def fail(self, lease: Lease, result: AttemptResult, outcome: Outcome, now: float) -> None:
+        with self._tx(write=True) as conn:
+            outcomes.fail(conn, self._spec, lease, result, outcome, now)
+
+    def release(self, lease: Lease, at: float, reason: str, now: float) -> None:
+        with self._tx(write=True) as conn:
+            outcomes.release(conn, lease, at, reason, now)
+
+    # rate ledger --------------------------------------------------------------------------------
+    def reserve(
+        self, model: str, limits: ModelLimits, tokens: int, now: float
+    ) -> Reservation | Deny:
+        with self._tx(write=True) as conn:
+            return ledger.reserve(conn, model, limits, tokens, now)
+
+    def reconcile(self, reservation: Reservation, tokens: int) -> None:
+        with self._tx(write=True) as conn:
+            ledger.reconcile(conn, reservation, tokens)
+
+    def block_model(self, model: str, until: float, reason: str) -> None:
+        with self._tx(write=True) as conn:
+            ledger.block(conn, model, until, reason)
+
+    def model_state(self, model: str, now: float) -> ModelState:
+        with self._tx() as conn:
+            return ledger.state(conn, model, now)
+
+    # outbox -------------------------------------------------------------------------------------
+    def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]:
+        with self._tx() as conn:
+            return outbox.pending(conn, now, limit)
+
+    def mark_notification(
+        self,
+        notification_id: int,
+        *,
+        sent: bool,
+        now: float,
+        error: str | None = None,
+        retry_at: float | None = None,
+    ) -> None:
+        with self._tx(write=True) as conn:
+            outbox.mark(conn, notification_id, sent=sent, now=now, error=error, retry_at=retry_at)
+
+    def notifications(self, run_id: str) -> list[Notification]:
+        with self._tx() as conn:
+            return outbox.for_run(conn, run_id)
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self._engine.dispose()
+
+
+def _item_row(run_id: str, position: int, new: NewItem) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4().hex,
+        "run_id": run_id,
+        "position": position,
+        "key": new.key,
+        "status": ItemStatus.QUEUED.value,
+        "payload": new.payload,
+        "outputs": {},
+        "error": None,
+        "failures": 0,
+    }
+
+
+def _job_row(run_id: str, item_id: str | None, spec: StageSpec, now: float) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4().hex,
+        "run_id": run_id,
+        "item_id": item_id,
+        "scope_key": item_id or "",
+        "stage": spec.name,
+        "status": initial_status(spec).value,
+        "priority": spec.priority,
+        "attempts": 0,
+        "max_attempts": spec.max_attempts,
+        "next_run_at": now,
+        "model_index": 0,
+        "model_failures": 0,
+        "last_error": None,
+        "output": None,
+        "lease_token": None,
+        "lease_expires_at": None,
+        "leased_by": None,
+        "created_at": now,
+        "updated_at": now,
+    }

@@ -1,0 +1,161 @@
+"""The SQL schema as SQLAlchemy Core tables; the migrations in `migrations/` must match it.
+
+Times are float epoch seconds (every window, lease and backoff is arithmetic on them). JSON is
+JSONB on PostgreSQL. `position` columns keep submission order, which uuid ids cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeEngine
+
+# names for constraints, so migrations and autogenerate agree on every dialect
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Json: TypeEngine[Any] = JSON().with_variant(JSONB(), "postgresql")
+# BIGINT on PostgreSQL; SQLite only autoincrements an INTEGER PRIMARY KEY
+Serial: TypeEngine[int] = BigInteger().with_variant(Integer(), "sqlite")
+Id = String(32)  # uuid4 hex
+Time: Double[float] = Double()
+
+runs = Table(
+    "lbq_runs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("pipeline", String(200), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("meta", Json),
+    # the stage graph as an ordered list, so any process can advance the run
+    Column("stages", Json, nullable=False),
+    Column("notify", Json, nullable=False),
+    Column("created_at", Time, nullable=False),
+    Column("finished_at", Time),
+)
+
+items = Table(
+    "lbq_items",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("run_id", Id, ForeignKey("lbq_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("payload", Json),
+    Column("outputs", Json, nullable=False),
+    Column("error", Text),
+    Column("failures", Integer, nullable=False),
+    UniqueConstraint("run_id", "key"),
+)
+
+jobs = Table(
+    "lbq_jobs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("run_id", Id, ForeignKey("lbq_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("item_id", Id, ForeignKey("lbq_items.id", ondelete="CASCADE")),
+    # item id, or '' for run-scope jobs: NULLs never collide in a unique constraint
+    Column("scope_key", Id, nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("stage", String(200), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("next_run_at", Time, nullable=False),
+    Column("model_index", Integer, nullable=False),
+    Column("model_failures", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("output", Json),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", Time),
+    Column("leased_by", String(200)),
+    Column("created_at", Time, nullable=False),
+    Column("updated_at", Time, nullable=False),
+    UniqueConstraint("run_id", "scope_key", "stage"),
+    Index(None, "status", "next_run_at"),
+    Index(None, "run_id", "stage", "status"),
+    Index(None, "item_id"),
+)
+
+attempts = Table(
+    "lbq_attempts",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("job_id", Id, ForeignKey("lbq_jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(200), nullable=False),
+    Column("item_key", Text),
+    Column("model", String(200)),
+    Column("is_fallback", Boolean, nullable=False),
+    Column("started_at", Time, nullable=False),
+    Column("finished_at", Time, nullable=False),
+    Column("input_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    Column("thinking_tokens", Integer, nullable=False),
+    Column("status_code", Integer),
+    Column("error_kind", String(64)),
+    Column("error_message", Text),
+    Column("counted", Boolean, nullable=False),
+    Index(None, "job_id"),
+)
+
+rate_ledger = Table(
+    "lbq_rate_ledger",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False),
+    Column("at", Time, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("open", Boolean, nullable=False),
+    Index(None, "model", "at"),
+)
+
+model_state = Table(
+    "lbq_model_state",
+    metadata,
+    Column("model", String(200), primary_key=True),
+    Column("blocked_until", Time, nullable=False),
+    Column("reason", Text),
+)
+
+outbox = Table(
+    "lbq_outbox",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("run_id", Id, ForeignKey("lbq_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("payload", Json),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", Time, nullable=False),
+    Column("sent_at", Time),
+    Column("error", Text),
+    Column("next_attempt_at", Time, nullable=False),
+    UniqueConstraint("run_id", "kind", "key"),
+    Index(None, "status", "next_attempt_at"),
+)
