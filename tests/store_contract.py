@@ -1,0 +1,649 @@
+"""The Store contract: what every Store must do, asserted through the Protocol only.
+
+`StoreContract` is collected through test_store_contract.py; its `store` / `store_factory`
+fixtures (conftest.py) run each case on MemoryStore, SQLStore on a SQLite file and SQLStore on
+PostgreSQL. Times are explicit `now` values: nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from llm_batch_queue import transitions
+from llm_batch_queue.errors import LeaseLost
+from llm_batch_queue.jobs import (
+    AttemptResult,
+    ClaimedJob,
+    GiveUp,
+    ItemStatus,
+    Job,
+    JobStatus,
+    NewItem,
+    Retry,
+    Run,
+    RunStatus,
+    Scope,
+    StageSpec,
+)
+from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start
+from llm_batch_queue.store import Reservation, Store
+from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
+from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
+
+T0 = 1_750_000_000.0  # 2025-06-15, 08:06 in Los Angeles: the provider day is hours old
+LEASE_S = 60.0
+
+STAGES = {
+    "analyze": StageSpec("analyze", Scope.ITEM, max_attempts=3),
+    "structure": StageSpec("structure", Scope.ITEM, after=("analyze",), max_attempts=3),
+    "workbook": StageSpec("workbook", Scope.RUN, max_attempts=2),
+    "notify": StageSpec("notify", Scope.RUN, after=("workbook",)),
+}
+
+
+def ok(now: float = T0, *, counted: bool = True, model: str | None = "m") -> AttemptResult:
+    return AttemptResult(started_at=now, finished_at=now, model=model, counted=counted)
+
+
+def bad(now: float = T0, *, counted: bool = True) -> AttemptResult:
+    return AttemptResult(
+        started_at=now, finished_at=now, model="m", error_kind="transient", counted=counted
+    )
+
+
+def new_run(
+    store: Store,
+    keys: tuple[str, ...] = ("a", "b"),
+    stages: dict[str, StageSpec] = STAGES,
+    now: float = T0,
+) -> Run:
+    return store.create_run(
+        pipeline="p",
+        name="run",
+        stages=stages,
+        items=[NewItem(k, {"key": k, "n": i}) for i, k in enumerate(keys)],
+        meta={"by": "test"},
+        now=now,
+        notify=KINDS,
+    )
+
+
+def jobs_by(store: Store, run_id: str) -> dict[tuple[str, str | None], Job]:
+    keys = {i.id: i.key for i in store.items(run_id)}
+    return {(j.stage, keys.get(j.item_id or "")): j for j in store.jobs(run_id)}
+
+
+def status_of(store: Store, run_id: str) -> dict[tuple[str, str | None], JobStatus]:
+    return {k: j.status for k, j in jobs_by(store, run_id).items()}
+
+
+def item_key(claimed: ClaimedJob) -> str | None:
+    return claimed.item.key if claimed.item else None
+
+
+def claim_one(store: Store, now: float = T0, **kwargs: object) -> ClaimedJob:
+    (claimed,) = store.claim(worker="w", now=now, limit=1, lease_s=LEASE_S, **kwargs)  # type: ignore[arg-type]
+    return claimed
+
+
+def drain(
+    store: Store, now: float = T0, fail: Callable[[ClaimedJob], bool] = lambda c: False
+) -> None:
+    """Claim and finish everything runnable at `now`; GiveUp where `fail` says so."""
+    while claimed := store.claim(worker="w", now=now, limit=10, lease_s=LEASE_S):
+        for c in claimed:
+            if fail(c):
+                store.fail(c.lease, bad(now), GiveUp("broken"), now)
+            else:
+                store.complete(c.lease, ok(now), {"stage": c.job.stage, "item": item_key(c)}, now)
+
+
+def snapshot(store: Store, run_id: str) -> object:
+    return (
+        store.get_run(run_id),
+        store.items(run_id),
+        store.jobs(run_id),
+        store.attempts(run_id),
+        store.notifications(run_id),
+    )
+
+
+def kinds(store: Store, run_id: str) -> list[tuple[str, str]]:
+    return [(n.kind, n.key) for n in store.notifications(run_id)]
+
+
+class StoreContract:
+    # creating runs ------------------------------------------------------------------------------
+    def test_create_run_seeds_jobs_per_the_graph(self, store: Store) -> None:
+        run = new_run(store)
+        assert run.status is RunStatus.RUNNING and run.finished_at is None
+        assert store.get_run(run.id) == run
+        assert [r.id for r in store.list_runs()] == [run.id]
+        assert [(i.key, i.status, i.payload) for i in store.items(run.id)] == [
+            ("a", ItemStatus.QUEUED, {"key": "a", "n": 0}),
+            ("b", ItemStatus.QUEUED, {"key": "b", "n": 1}),
+        ]
+        assert status_of(store, run.id) == {
+            ("analyze", "a"): JobStatus.READY,
+            ("structure", "a"): JobStatus.PENDING,
+            ("analyze", "b"): JobStatus.READY,
+            ("structure", "b"): JobStatus.PENDING,
+            ("workbook", None): JobStatus.PENDING,
+            ("notify", None): JobStatus.PENDING,
+        }
+        job = jobs_by(store, run.id)[("structure", "a")]
+        assert (job.attempts, job.max_attempts, job.next_run_at, job.model_index) == (0, 3, T0, 0)
+        counts = store.counts(run.id)
+        assert counts.items_by_status == {"queued": 2} and counts.items_total == 2
+        assert counts.jobs_by_stage_status[("analyze", "ready")] == 2
+        assert kinds(store, run.id) == [("run_queued", "")]
+        with pytest.raises(KeyError):
+            store.get_run("nope")
+
+    def test_run_without_items_goes_straight_to_run_stages(self, store: Store) -> None:
+        run = new_run(store, keys=())
+        assert status_of(store, run.id) == {
+            ("workbook", None): JobStatus.READY,
+            ("notify", None): JobStatus.PENDING,
+        }
+        empty = new_run(store, keys=(), stages={})
+        assert empty.status is RunStatus.COMPLETED
+        assert store.get_run(empty.id).status is RunStatus.COMPLETED
+
+    def test_item_keys_are_unique_within_a_run(self, store: Store) -> None:
+        with pytest.raises(ValueError):
+            new_run(store, keys=("a", "a"))
+        assert store.list_runs() == []
+
+    # claiming -----------------------------------------------------------------------------------
+    def test_claim_takes_by_priority_then_due_time_and_leases(self, store: Store) -> None:
+        stages = {
+            "low": StageSpec("low", Scope.ITEM, priority=0),
+            "high": StageSpec("high", Scope.ITEM, priority=5),
+        }
+        run = new_run(store, keys=("a", "b"), stages=stages)
+        assert store.claim(worker="w", now=T0 - 1, limit=5, lease_s=LEASE_S) == []
+        first = store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S)
+        assert [c.job.stage for c in first] == ["high", "high"]
+        for c in first:
+            assert c.job.status is JobStatus.RUNNING and not c.reclaimed
+            assert c.lease.job_id == c.job.id and c.lease.expires_at == T0 + LEASE_S
+            assert c.run.id == run.id and c.item is not None
+            assert c.item.status is ItemStatus.RUNNING
+        rest = store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S)
+        assert [c.job.stage for c in rest] == ["low", "low"]
+        assert store.claim(worker="w", now=T0 + 1, limit=5, lease_s=LEASE_S) == []
+        assert {i.status for i in store.items(run.id)} == {ItemStatus.RUNNING}
+
+    def test_claim_filters_by_stage(self, store: Store) -> None:
+        run = new_run(store)
+        assert store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S, stages=["workbook"]) == []
+        assert store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S, stages=[]) == []
+        got = store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S, stages=["analyze"])
+        assert len(got) == 2
+        assert {i.status for i in store.items(run.id)} == {ItemStatus.RUNNING}
+
+    def test_concurrent_claimers_get_disjoint_jobs(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        stages = {"only": StageSpec("only", Scope.ITEM)}
+        run = new_run(store_factory(), keys=tuple(f"k{i}" for i in range(40)), stages=stages)
+        handles = [store_factory() for _ in range(4)]
+        got: list[list[ClaimedJob]] = [[] for _ in handles]
+        barrier = threading.Barrier(len(handles))
+
+        def worker(n: int) -> None:
+            barrier.wait()
+            while claimed := handles[n].claim(worker=f"w{n}", now=T0, limit=3, lease_s=LEASE_S):
+                got[n].extend(claimed)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(len(handles))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ids = [c.job.id for claimed in got for c in claimed]
+        assert len(ids) == len(set(ids)) == 40
+        assert {j.status for j in handles[0].jobs(run.id)} == {JobStatus.RUNNING}
+
+    def test_concurrent_workers_leave_a_consistent_graph(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        """Workers racing claims, retries, give-ups, abandoned leases and late completions:
+        whatever interleaving happened, the end state is one the state machine allows."""
+        stages = {
+            "a": StageSpec("a", Scope.ITEM, max_attempts=3),
+            "b": StageSpec("b", Scope.ITEM, after=("a",), priority=1, max_attempts=3),
+            "c": StageSpec("c", Scope.ITEM, after=("a",), max_attempts=3),
+            "d": StageSpec("d", Scope.ITEM, after=("b", "c"), max_attempts=3),
+            "w": StageSpec("w", Scope.RUN, max_attempts=3),
+        }
+        keys = tuple(f"k{i}" for i in range(12))
+        run = new_run(store_factory(), keys=keys, stages=stages)
+        ticks = itertools.count()
+        errors: list[BaseException] = []
+
+        def worker(n: int) -> None:
+            store, rnd, stale = store_factory(), random.Random(n), []
+            try:
+                while store.get_run(run.id).status is RunStatus.RUNNING:
+                    now = T0 + next(ticks)
+                    if now > T0 + 20_000:  # a stuck graph fails the asserts below, not hangs
+                        return
+                    for c in store.claim(worker=f"w{n}", now=now, limit=2, lease_s=3):
+                        roll = rnd.random()
+                        with contextlib.suppress(LeaseLost):
+                            if roll < 0.7:
+                                store.complete(c.lease, ok(now), c.job.stage, now)
+                            elif roll < 0.8:
+                                store.fail(c.lease, bad(now), Retry(now + 1, 0, "x"), now)
+                            elif roll < 0.83:
+                                store.fail(c.lease, bad(now), GiveUp("x"), now)
+                            else:
+                                stale.append(c)  # the worker "dies"; maybe comes back late
+                    if stale and rnd.random() < 0.3:
+                        with contextlib.suppress(LeaseLost):
+                            store.complete(stale.pop().lease, ok(now), "late", now)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        store = store_factory()
+        jobs = store.jobs(run.id)
+        assert all(j.status.settled for j in jobs)
+        for item in store.items(run.id):
+            mine = {j.stage: j.status for j in jobs if j.item_id == item.id}
+            assert item.status is transitions.item_status(mine)
+            assert item.failures == (item.status is ItemStatus.NEEDS_REUPLOAD)
+            assert set(item.outputs) == {s for s, st in mine.items() if st is JobStatus.SUCCEEDED}
+        run_jobs = {j.stage: j.status for j in jobs if j.item_id is None}
+        counts = store.counts(run.id)
+        assert store.get_run(run.id).status is transitions.run_status(
+            run_jobs, counts.items_by_status
+        )
+        written = kinds(store, run.id)
+        assert len(written) == len(set(written))
+        assert {k for kind, k in written if kind == STAGE_COMPLETE} == {"a", "b", "c", "d"}
+
+    # completing ---------------------------------------------------------------------------------
+    def test_complete_stores_output_and_releases_the_next_stage(self, store: Store) -> None:
+        run = new_run(store)
+        c = claim_one(store, stages=["analyze"])
+        store.complete(c.lease, ok(T0 + 5), {"facts": [1, 2]}, T0 + 5)
+        jobs = jobs_by(store, run.id)
+        key = item_key(c)
+        done = jobs[("analyze", key)]
+        assert (done.status, done.output, done.attempts, done.last_error) == (
+            JobStatus.SUCCEEDED,
+            {"facts": [1, 2]},
+            1,
+            None,
+        )
+        nxt = jobs[("structure", key)]
+        assert (nxt.status, nxt.next_run_at) == (JobStatus.READY, T0 + 5)
+        item = next(i for i in store.items(run.id) if i.key == key)
+        assert item.outputs == {"analyze": {"facts": [1, 2]}}
+        assert item.status is ItemStatus.RUNNING
+        (attempt,) = store.attempts(run.id)
+        assert (attempt.job_id, attempt.stage, attempt.item_key) == (done.id, "analyze", key)
+        assert attempt.result == ok(T0 + 5)
+        with pytest.raises(LeaseLost):  # finishing twice is a lost lease, not a second success
+            store.complete(c.lease, ok(), None, T0 + 6)
+
+    def test_uncounted_success_uses_no_attempt(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        c = claim_one(store)
+        store.complete(c.lease, ok(counted=False), "out", T0)
+        assert jobs_by(store, run.id)[("analyze", "a")].attempts == 0
+
+    def test_a_run_completes_when_items_and_run_stages_are_done(self, store: Store) -> None:
+        run = new_run(store)
+        drain(store, T0, fail=lambda c: False)
+        assert {i.status for i in store.items(run.id)} == {ItemStatus.COMPLETED}
+        assert set(status_of(store, run.id).values()) == {JobStatus.SUCCEEDED}
+        finished = store.get_run(run.id)
+        assert (finished.status, finished.finished_at) == (RunStatus.COMPLETED, T0)
+        assert kinds(store, run.id) == [
+            ("run_queued", ""),
+            (STAGE_COMPLETE, "analyze"),
+            (STAGE_COMPLETE, "structure"),
+            (RUN_FINISHED, ""),
+        ]
+        assert store.notifications(run.id)[-1].payload == {
+            "status": "completed",
+            "items": {"completed": 2},
+        }
+
+    def test_run_stages_wait_until_every_item_has_settled(self, store: Store) -> None:
+        run = new_run(store)
+        drain_item(store, "a")
+        assert status_of(store, run.id)[("workbook", None)] is JobStatus.PENDING
+        assert (STAGE_COMPLETE, "analyze") not in kinds(store, run.id)
+        drain_item(store, "b")
+        assert status_of(store, run.id)[("workbook", None)] is JobStatus.READY
+        assert kinds(store, run.id).count((STAGE_COMPLETE, "structure")) == 1
+
+    def test_a_failed_item_makes_the_run_complete_with_failures(self, store: Store) -> None:
+        run = new_run(store)
+        drain(store, T0, fail=lambda c: item_key(c) == "b" and c.job.stage == "structure")
+        assert store.get_run(run.id).status is RunStatus.COMPLETED_WITH_FAILURES
+        statuses = {i.key: i.status for i in store.items(run.id)}
+        assert statuses == {"a": ItemStatus.COMPLETED, "b": ItemStatus.NEEDS_REUPLOAD}
+        assert status_of(store, run.id)[("notify", None)] is JobStatus.SUCCEEDED
+
+    def test_a_failed_run_stage_fails_the_run(self, store: Store) -> None:
+        run = new_run(store)
+        drain(store, T0, fail=lambda c: c.job.stage == "workbook")
+        finished = store.get_run(run.id)
+        assert (finished.status, finished.finished_at) == (RunStatus.FAILED, T0)
+        assert status_of(store, run.id)[("notify", None)] is JobStatus.CANCELLED
+        assert kinds(store, run.id)[-1] == (RUN_FINISHED, "")
+
+    # failing -------------------------------------------------------------------------------------
+    def test_retry_reschedules_and_tracks_the_model(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        c = claim_one(store)
+        store.fail(c.lease, bad(), Retry(at=T0 + 30, model_index=0, reason="503"), T0)
+        job = jobs_by(store, run.id)[("analyze", "a")]
+        assert (job.status, job.next_run_at, job.attempts) == (JobStatus.READY, T0 + 30, 1)
+        assert (job.model_index, job.model_failures, job.last_error) == (0, 1, "503")
+        with pytest.raises(LeaseLost):
+            store.heartbeat(c.lease, T0, LEASE_S)
+        assert store.claim(worker="w", now=T0 + 29, limit=1, lease_s=LEASE_S) == []
+
+        c = claim_one(store, T0 + 30)  # a 429: no attempt used, same model
+        store.fail(c.lease, bad(counted=False), Retry(T0 + 40, 0, "429", counted=False), T0 + 30)
+        job = jobs_by(store, run.id)[("analyze", "a")]
+        assert (job.attempts, job.model_index, job.model_failures) == (1, 0, 1)
+
+        c = claim_one(store, T0 + 40)  # fall back to the next model: its own failure count
+        store.fail(c.lease, bad(), Retry(T0 + 50, 1, "fallback"), T0 + 40)
+        job = jobs_by(store, run.id)[("analyze", "a")]
+        assert (job.attempts, job.model_index, job.model_failures) == (2, 1, 0)
+        assert len(store.attempts(run.id)) == 3
+        assert store.items(run.id)[0].status is ItemStatus.RUNNING
+
+    def test_give_up_cancels_the_chain_and_asks_for_reupload(self, store: Store) -> None:
+        run = new_run(store)
+        c = next(
+            c
+            for c in store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S)
+            if item_key(c) == "a"
+        )
+        store.fail(c.lease, bad(), GiveUp("unreadable"), T0 + 1)
+        statuses = status_of(store, run.id)
+        assert statuses[("analyze", "a")] is JobStatus.FAILED
+        assert statuses[("structure", "a")] is JobStatus.CANCELLED
+        assert statuses[("structure", "b")] is JobStatus.PENDING
+        item = next(i for i in store.items(run.id) if i.key == "a")
+        assert (item.status, item.error, item.failures) == (
+            ItemStatus.NEEDS_REUPLOAD,
+            "analyze: unreadable",
+            1,
+        )
+        failed = [n for n in store.notifications(run.id) if n.kind == ITEM_FAILED]
+        assert [(n.key, n.payload) for n in failed] == [
+            ("a#1", {"item_key": "a", "error": "analyze: unreadable", "failure": 1})
+        ]
+        assert store.get_run(run.id).status is RunStatus.RUNNING
+
+    def test_release_hands_the_job_back_without_an_attempt(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        c = claim_one(store)
+        store.release(c.lease, T0 + 9, "model cooling down", T0)
+        job = jobs_by(store, run.id)[("analyze", "a")]
+        assert (job.status, job.next_run_at, job.attempts) == (JobStatus.READY, T0 + 9, 0)
+        assert job.last_error == "model cooling down" and store.attempts(run.id) == []
+        with pytest.raises(LeaseLost):
+            store.complete(c.lease, ok(), None, T0)
+
+    # leases -------------------------------------------------------------------------------------
+    def test_an_expired_lease_is_reclaimed_and_the_old_holder_changes_nothing(
+        self, store: Store
+    ) -> None:
+        run = new_run(store, keys=("a",))
+        old = claim_one(store, T0)
+        assert store.claim(worker="w2", now=T0 + LEASE_S - 1, limit=1, lease_s=LEASE_S) == []
+        new = claim_one(store, T0 + LEASE_S)
+        assert new.reclaimed and new.job.id == old.job.id and new.lease.token != old.lease.token
+        assert (new.job.attempts, new.job.last_error) == (
+            1,
+            "lease expired: the worker died or stalled",
+        )
+        (expired,) = store.attempts(run.id)
+        assert expired.result.error_kind == "lease_expired"
+        assert expired.result.started_at == T0 + LEASE_S
+        before = snapshot(store, run.id)
+        with pytest.raises(LeaseLost):
+            store.complete(old.lease, ok(), "late", T0 + 61)
+        with pytest.raises(LeaseLost):
+            store.fail(old.lease, bad(), GiveUp("late"), T0 + 61)
+        with pytest.raises(LeaseLost):
+            store.fail(old.lease, bad(), Retry(T0 + 99, 0, "late"), T0 + 61)
+        with pytest.raises(LeaseLost):
+            store.heartbeat(old.lease, T0 + 61, LEASE_S)
+        with pytest.raises(LeaseLost):
+            store.release(old.lease, T0 + 99, "late", T0 + 61)
+        assert snapshot(store, run.id) == before
+        store.complete(new.lease, ok(), "on time", T0 + 62)
+        assert jobs_by(store, run.id)[("analyze", "a")].output == "on time"
+
+    def test_heartbeat_keeps_the_lease(self, store: Store) -> None:
+        new_run(store, keys=("a",))
+        c = claim_one(store, T0)
+        renewed = store.heartbeat(c.lease, T0 + 50, LEASE_S)
+        assert (renewed.token, renewed.expires_at) == (c.lease.token, T0 + 50 + LEASE_S)
+        assert store.claim(worker="w2", now=T0 + LEASE_S + 1, limit=1, lease_s=LEASE_S) == []
+        assert store.next_due() == T0 + 50 + LEASE_S
+        store.complete(renewed, ok(), None, T0 + 70)
+
+    def test_a_job_that_keeps_expiring_ends_failed(self, store: Store) -> None:
+        run = new_run(
+            store, keys=("a",), stages={"s": StageSpec("s", Scope.ITEM, max_attempts=2, priority=1)}
+        )
+        other = new_run(store, keys=("z",), stages={"t": StageSpec("t", Scope.ITEM)})
+        first = claim_one(store, T0, stages=["s"])
+        again = claim_one(store, T0 + LEASE_S, stages=["s"])
+        assert again.reclaimed and again.job.attempts == 1
+        # the second expiry is its last attempt: the job fails, and does not use up the limit
+        (got,) = store.claim(worker="w", now=T0 + 2 * LEASE_S, limit=1, lease_s=LEASE_S)
+        assert got.run.id == other.id
+        dead = store.jobs(run.id)[0]
+        assert (dead.id, dead.status, dead.attempts) == (first.job.id, JobStatus.FAILED, 2)
+        (item,) = store.items(run.id)
+        assert item.status is ItemStatus.NEEDS_REUPLOAD
+        assert item.error == "s: lease expired: the worker died or stalled"
+        assert (ITEM_FAILED, "a#1") in kinds(store, run.id)
+        assert store.get_run(run.id).status is RunStatus.COMPLETED_WITH_FAILURES
+        assert [a.result.error_kind for a in store.attempts(run.id)] == ["lease_expired"] * 2
+        with pytest.raises(LeaseLost):
+            store.complete(again.lease, ok(), None, T0 + 2 * LEASE_S)
+
+    def test_a_sibling_cancelled_by_an_expiry_is_not_claimed(self, store: Store) -> None:
+        stages = {
+            "a": StageSpec("a", Scope.ITEM),
+            "b": StageSpec("b", Scope.ITEM, after=("a",), max_attempts=1, priority=5),
+            "c": StageSpec("c", Scope.ITEM, after=("a",)),
+        }
+        run = new_run(store, keys=("x",), stages=stages)
+        c = claim_one(store)
+        store.complete(c.lease, ok(), None, T0)
+        assert claim_one(store).job.stage == "b"  # priority 5; c stays READY
+        later = T0 + LEASE_S
+        # b's lease expired at its last attempt: b fails, which cancels c in the same claim
+        assert store.claim(worker="w", now=later, limit=5, lease_s=LEASE_S) == []
+        assert status_of(store, run.id) == {
+            ("a", "x"): JobStatus.SUCCEEDED,
+            ("b", "x"): JobStatus.FAILED,
+            ("c", "x"): JobStatus.CANCELLED,
+        }
+        assert store.get_run(run.id).status is RunStatus.COMPLETED_WITH_FAILURES
+
+    def test_next_due(self, store: Store) -> None:
+        assert store.next_due() is None
+        run = new_run(store, keys=("a",))
+        assert store.next_due() == T0
+        assert store.next_due(["workbook"]) is None
+        c = claim_one(store)
+        assert store.next_due() == T0 + LEASE_S
+        store.fail(c.lease, bad(), Retry(T0 + 7, 0, "x"), T0)
+        assert store.next_due(["analyze"]) == T0 + 7
+        drain(store, T0 + 7)
+        assert store.get_run(run.id).status is RunStatus.COMPLETED
+        assert store.next_due() is None
+
+    # rate ledger --------------------------------------------------------------------------------
+    def test_reserve_enforces_rpm_over_a_sliding_window(self, store: Store) -> None:
+        limits = ModelLimits(rpm=3)
+        span = limits.span_s
+        booked = [store.reserve("m", limits, 10, T0 + i) for i in range(3)]
+        assert all(isinstance(b, Reservation) for b in booked)
+        assert store.reserve("m", limits, 10, T0 + 5) == Deny(T0 + span, "rpm")
+        assert isinstance(store.reserve("other", limits, 10, T0 + 5), Reservation)
+        # the oldest booking leaves the window exactly at the retry_at a denial named
+        assert store.reserve("m", limits, 10, T0 + span - 0.01) == Deny(T0 + span, "rpm")
+        assert isinstance(store.reserve("m", limits, 10, T0 + span), Reservation)
+        assert store.reserve("m", limits, 10, T0 + span + 0.01) == Deny(T0 + 1 + span, "rpm")
+
+    def test_reserve_enforces_tpm_and_rpd(self, store: Store) -> None:
+        limits = ModelLimits(tpm=100, rpd=3)
+        assert isinstance(store.reserve("m", limits, 60, T0), Reservation)
+        assert isinstance(store.reserve("m", limits, 30, T0 + 1), Reservation)
+        assert store.reserve("m", limits, 20, T0 + 2) == Deny(T0 + limits.span_s, "tpm")
+        assert isinstance(store.reserve("m", limits, 10, T0 + 2), Reservation)
+        late = T0 + 3600
+        assert store.reserve("m", limits, 1, late) == Deny(
+            next_day_start(late, limits.day_tz), "rpd"
+        )
+        tomorrow = next_day_start(late, limits.day_tz)
+        assert day_start(tomorrow, limits.day_tz) == tomorrow
+        assert isinstance(store.reserve("m", limits, 1, tomorrow), Reservation)
+
+    def test_reconcile_ends_in_flight_and_corrects_tokens(self, store: Store) -> None:
+        limits = ModelLimits(tpm=100, max_in_flight=1)
+        first = store.reserve("m", limits, 90, T0)
+        assert isinstance(first, Reservation)
+        assert first.model == "m" and first.tokens == 90 and first.at == T0
+        assert store.reserve("m", limits, 5, T0 + 1) == Deny(T0 + 1 + 0.05, "in_flight")
+        store.reconcile(first, 40)  # the provider counted fewer tokens: refunded
+        assert isinstance(store.reserve("m", limits, 55, T0 + 2), Reservation)
+        # a booking never reconciled (crashed worker) stops counting as in flight
+        assert store.reserve("m", ModelLimits(max_in_flight=1), 0, T0 + 3) == Deny(
+            T0 + 3 + 0.05, "in_flight"
+        )
+        assert isinstance(
+            store.reserve("m", ModelLimits(max_in_flight=1), 0, T0 + 3 + IN_FLIGHT_TTL_S),
+            Reservation,
+        )
+
+    def test_block_model_is_shared_and_only_extends(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        one, two = store_factory(), store_factory()
+        assert one.model_state("m", T0).blocked_until == 0.0
+        one.block_model("m", T0 + 60, "minute")
+        two.block_model("m", T0 + 30, "shorter")  # never shortens a block
+        state = two.model_state("m", T0)
+        assert (state.blocked_until, state.reason) == (T0 + 60, "minute")
+        assert two.reserve("m", ModelLimits(rpm=5), 1, T0 + 1) == Deny(T0 + 60, "cooldown")
+        two.block_model("m", T0 + 3600, "day")
+        assert one.model_state("m", T0).reason == "day"
+        assert one.model_state("m", T0 + 3600).blocked_until == 0.0
+        assert isinstance(one.reserve("m", ModelLimits(rpm=5), 1, T0 + 3600), Reservation)
+
+    def test_concurrent_reservations_never_exceed_the_limit(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        limits, threads_n, tries = ModelLimits(rpm=7), 4, 6
+        handles = [store_factory() for _ in range(threads_n)]
+        booked: list[Reservation] = []
+        barrier = threading.Barrier(threads_n)
+
+        def worker(store: Store) -> None:
+            barrier.wait()
+            for _ in range(tries):
+                got = store.reserve("m", limits, 1, T0)
+                if isinstance(got, Reservation):
+                    booked.append(got)
+
+        threads = [threading.Thread(target=worker, args=(h,)) for h in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(booked) == 7 and len({b.id for b in booked}) == 7
+
+    # outbox -------------------------------------------------------------------------------------
+    def test_stage_milestones_are_written_once(self, store: Store) -> None:
+        run = new_run(store, keys=tuple(f"k{i}" for i in range(5)))
+        drain(store)
+        written = kinds(store, run.id)
+        assert written.count((STAGE_COMPLETE, "analyze")) == 1
+        assert written.count((STAGE_COMPLETE, "structure")) == 1
+        assert written.count((RUN_FINISHED, "")) == 1
+        payload = next(n.payload for n in store.notifications(run.id) if n.key == "structure")
+        assert payload == {"stage": "structure", "jobs": {"succeeded": 5}}
+
+    def test_only_requested_kinds_are_written(self, store: Store) -> None:
+        run = store.create_run(
+            pipeline="p",
+            name="quiet",
+            stages=STAGES,
+            items=[NewItem("a", None)],
+            meta=None,
+            now=T0,
+            notify={RUN_FINISHED},
+        )
+        drain(store)
+        assert kinds(store, run.id) == [(RUN_FINISHED, "")]
+
+    def test_outbox_delivery_bookkeeping(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        drain(store)
+        pending = store.pending_notifications(T0, limit=2)
+        assert [n.kind for n in pending] == ["run_queued", STAGE_COMPLETE]
+        assert all(n.status == "pending" and n.attempts == 0 for n in pending)
+        first, second = pending
+        store.mark_notification(first.id, sent=True, now=T0 + 1)
+        store.mark_notification(
+            second.id, sent=False, now=T0 + 1, error="smtp down", retry_at=T0 + 60
+        )
+        assert second.id not in [n.id for n in store.pending_notifications(T0 + 59)]
+        assert second.id in [n.id for n in store.pending_notifications(T0 + 60)]
+        by_id = {n.id: n for n in store.notifications(run.id)}
+        assert (by_id[first.id].status, by_id[first.id].sent_at, by_id[first.id].attempts) == (
+            "sent",
+            T0 + 1,
+            1,
+        )
+        assert (by_id[second.id].error, by_id[second.id].next_attempt_at) == ("smtp down", T0 + 60)
+        store.mark_notification(second.id, sent=False, now=T0 + 61, error="bounced")
+        failed = next(n for n in store.notifications(run.id) if n.id == second.id)
+        assert (failed.status, failed.attempts) == ("failed", 2)
+        with pytest.raises(KeyError):
+            store.mark_notification(10**9, sent=True, now=T0)
+
+
+def drain_item(store: Store, key: str, now: float = T0) -> None:
+    """Finish every job of one item."""
+    while True:
+        claimed = store.claim(worker="w", now=now, limit=50, lease_s=LEASE_S)
+        mine = [c for c in claimed if item_key(c) == key]
+        for c in claimed:
+            if c not in mine:
+                store.release(c.lease, now, "not this one", now)
+        if not mine:
+            return
+        for c in mine:
+            store.complete(c.lease, ok(now), None, now)

@@ -1,0 +1,138 @@
+"""The SQL store's schema: migrations match tables.py, run once, and coexist with an app's own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from llm_batch_queue.store import MemoryStore
+from llm_batch_queue.store.sql import SQLStore, make_engine, open_store, upgrade
+from llm_batch_queue.store.sql.schema import VERSION_TABLE, current, head
+from llm_batch_queue.store.sql.tables import metadata
+
+TABLES = {
+    "lbq_runs",
+    "lbq_items",
+    "lbq_jobs",
+    "lbq_attempts",
+    "lbq_rate_ledger",
+    "lbq_model_state",
+    "lbq_outbox",
+}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sql_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    return url
+
+
+def test_migrations_produce_exactly_the_declared_tables(sql_url: str) -> None:
+    store = SQLStore(sql_url)
+    try:
+        with store.engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE, "target_metadata": metadata}
+            )
+            assert compare_metadata(context, metadata) == []
+            assert set(inspect(conn).get_table_names()) == TABLES | {VERSION_TABLE}
+            assert current(conn) == head()
+    finally:
+        store.close()
+
+
+def test_migrating_is_idempotent_and_leaves_app_tables_alone(sql_url: str) -> None:
+    engine = make_engine(sql_url)
+    try:
+        with engine.begin() as conn:  # the app's own table and alembic history
+            conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            conn.execute(text("INSERT INTO alembic_version VALUES ('app_0042')"))
+        upgrade(engine)
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [
+                ("app_0042",)
+            ]
+            assert current(conn) == head()
+    finally:
+        engine.dispose()
+
+
+def test_stores_starting_at_once_migrate_once(sql_url: str) -> None:
+    errors: list[BaseException] = []
+    stores: list[SQLStore] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            stores.append(SQLStore(sql_url))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for store in stores:
+        store.close()
+    assert errors == []
+    engine = make_engine(sql_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text(f"SELECT count(*) FROM {VERSION_TABLE}")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_migrate_false_leaves_the_database_alone(sqlite_url: str) -> None:
+    store = SQLStore(sqlite_url, migrate=False)
+    try:
+        with store.engine.connect() as conn:
+            assert inspect(conn).get_table_names() == []
+    finally:
+        store.close()
+
+
+def test_open_store_picks_the_implementation() -> None:
+    assert isinstance(open_store("memory://"), MemoryStore)
+    store = open_store("sqlite://")  # in-memory SQLite: one shared connection
+    try:
+        assert isinstance(store, SQLStore)
+        assert store.list_runs() == []
+    finally:
+        store.close()
+
+
+def test_a_bare_path_is_a_sqlite_file_created_on_first_use(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "queue.db"
+    store = SQLStore(str(path))
+    try:
+        assert path.exists()
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.close()
+
+
+def test_migrations_ship_inside_the_package_without_an_ini() -> None:
+    root = resources.files("llm_batch_queue.store.sql") / "migrations"
+    assert (root / "env.py").is_file() and (root / "script.py.mako").is_file()
+    assert (root / "versions" / "0001_initial.py").is_file()
+    assert not (root / "alembic.ini").is_file()
+
+
+def test_the_store_package_does_not_import_sqlalchemy() -> None:
+    code = "import sys, llm_batch_queue.store; print('sqlalchemy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
