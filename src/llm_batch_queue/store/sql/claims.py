@@ -151,7 +151,9 @@ def _expire(
             .where(items.c.id == job.item_id)
             .values(error=f"{job.stage}: {EXPIRED_MESSAGE}")
         )
-    return job, graph.after_settle(conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now)
+    return job, graph.after_settle(
+        conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now, job.stage
+    )
 
 
 def _open_jobs_free(conn: Connection, run_id: str, item_id: str | None) -> bool:

@@ -54,18 +54,34 @@ def counts(conn: Connection, run_id: str) -> RunCounts:
 
 
 def after_settle(
-    conn: Connection, run_id: str, item_id: str | None, spec: RunSpec, now: float
+    conn: Connection,
+    run_id: str,
+    item_id: str | None,
+    spec: RunSpec,
+    now: float,
+    stage: str | None = None,
 ) -> set[str]:
-    """Advance the item (if any) and the run; returns the ids of jobs made READY."""
+    """Advance the item (if any) and the run; returns the ids of jobs made READY.
+
+    `stage` is the stage of the job that just settled (None: check every stage). Only the stages
+    that changed are checked for milestones, and the run only when an item settled, so the cost
+    per completion does not grow with the size of the run.
+    """
     released: set[str] = set()
+    item_settled = True
     if item_id is not None:
-        released |= _settle_item(conn, run_id, item_id, spec, now)
-    return released | advance_run(conn, run_id, spec, now)
+        ready, item_settled, touched = _settle_item(conn, run_id, item_id, spec, now)
+        released |= ready
+        stages = touched | ({stage} if stage else set(spec.stages))
+        _stage_milestones(conn, run_id, spec, stages, now)
+    if item_settled:
+        released |= advance_run(conn, run_id, spec, now)
+    return released
 
 
 def _settle_item(
     conn: Connection, run_id: str, item_id: str, spec: RunSpec, now: float
-) -> set[str]:
+) -> tuple[set[str], bool, set[str]]:
     siblings = _load(conn, jobs.c.item_id == item_id)
     step = transitions.item_step(spec.stages, {s: st for s, (_, st) in siblings.items()})
     released = _apply(conn, step, siblings, now)
@@ -76,13 +92,39 @@ def _settle_item(
     if status is ItemStatus.NEEDS_REUPLOAD and item.status is not status:
         item = replace(item, failures=item.failures + 1)
         milestones(conn, run_id, spec).item_failed(item, now)
-    conn.execute(
-        update(items)
-        .where(items.c.id == item_id)
-        .values(status=status.value, failures=item.failures)
+    if status is not item.status or item.failures != to_item(row).failures:
+        conn.execute(
+            update(items)
+            .where(items.c.id == item_id)
+            .values(status=status.value, failures=item.failures)
+        )
+    return released, all(st.settled for st in statuses.values()), set(step.cancel)
+
+
+def _stage_milestones(
+    conn: Connection, run_id: str, spec: RunSpec, stages: set[str], now: float
+) -> None:
+    item_stages = [s for s in stages if spec.stages[s].scope is Scope.ITEM]
+    for name in item_stages:
+        if _any_unsettled(conn, run_id, [name]):
+            continue
+        tally = RunCounts()
+        for status, n in conn.execute(
+            select(jobs.c.status, func.count())
+            .where(jobs.c.run_id == run_id, jobs.c.stage == name)
+            .group_by(jobs.c.status)
+        ):
+            tally.jobs_by_stage_status[(name, status)] = n
+        milestones(conn, run_id, spec).stages_settled(tally, {name: spec.stages[name]}, now)
+
+
+def _any_unsettled(conn: Connection, run_id: str, stages: list[str]) -> bool:
+    """EXISTS over the (run_id, stage, status) index: O(1) however large the run."""
+    unsettled = (JobStatus.PENDING.value, JobStatus.READY.value, JobStatus.RUNNING.value)
+    query = select(jobs.c.id).where(
+        jobs.c.run_id == run_id, jobs.c.stage.in_(stages), jobs.c.status.in_(unsettled)
     )
-    milestones(conn, run_id, spec).stages_settled(counts(conn, run_id), spec.stages, now)
-    return released
+    return conn.execute(query.limit(1)).first() is not None
 
 
 def advance_run(conn: Connection, run_id: str, spec: RunSpec, now: float) -> set[str]:
@@ -90,19 +132,13 @@ def advance_run(conn: Connection, run_id: str, spec: RunSpec, now: float) -> set
     status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one()
     if status != RunStatus.RUNNING.value:
         return set()
-    tally = counts(conn, run_id)
-    unsettled = sum(
-        n
-        for (stage, st), n in tally.jobs_by_stage_status.items()
-        if spec.stages[stage].scope is Scope.ITEM and not JobStatus(st).settled
-    )
+    item_stages = [name for name, s in spec.stages.items() if s.scope is Scope.ITEM]
+    if item_stages and _any_unsettled(conn, run_id, item_stages):
+        return set()
     run_jobs = _load(conn, (jobs.c.run_id == run_id) & (jobs.c.item_id.is_(None)))
-    step = transitions.run_step(
-        spec.stages, {s: st for s, (_, st) in run_jobs.items()}, unsettled == 0
-    )
+    step = transitions.run_step(spec.stages, {s: st for s, (_, st) in run_jobs.items()}, True)
     released = _apply(conn, step, run_jobs, now)
-    if unsettled:
-        return released
+    tally = counts(conn, run_id)
     finished = transitions.run_status(_after(step, run_jobs), tally.items_by_status)
     if finished is not RunStatus.RUNNING:
         conn.execute(
