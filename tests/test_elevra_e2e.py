@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +100,65 @@ def test_the_real_nc_listing_completes_every_batch(
     assert book["Results"].max_row - 1 == 3120
     finals = [e for e in emails(tmp_path) if e["attachments"]]
     assert len(finals) == 1
+
+
+@pytest.mark.skipif(not NC_FILE.exists(), reason="the shared NC candidate file is not present")
+def test_a_killed_run_resumes_with_dispatch_and_duplicates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {**os.environ, "ELEVRA_LEASE_S": "3"}
+    env.pop("GEMINI_API_KEY", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "examples.elevra_upload",
+            "run",
+            str(NC_FILE),
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        cwd=Path(__file__).parents[1],
+        env=env,
+    )
+    db = tmp_path / "elevra.db"
+    deadline = time.monotonic() + 120
+    inserted = 0
+    while time.monotonic() < deadline and inserted < 100:
+        time.sleep(0.2)
+        if db.exists():
+            with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(db) as conn:
+                inserted = conn.execute(
+                    "select count(*) from lbq_jobs where stage='insert' and status='succeeded'"
+                ).fetchone()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 100 <= inserted < 988, "the run was not killed mid-way"
+
+    os.environ["ELEVRA_LEASE_S"] = "3"
+    try:
+        assert main(["dispatch", "--out", str(tmp_path), "--quiet"]) == 0
+    finally:
+        del os.environ["ELEVRA_LEASE_S"]
+    capsys.readouterr()
+    (status,) = json.loads(_last_line(main(["status", "--out", str(tmp_path), "--json"]), capsys))
+    assert status["status"] == "completed"
+    assert status["batches_completed"] == 988
+    assert status["elections"] == 988
+    with sqlite3.connect(db) as conn:
+        links = conn.execute("select count(*) from elevra_election_links").fetchone()[0]
+        payloads = conn.execute("select payload from lbq_items").fetchall()
+        stuck = conn.execute(
+            "select count(*) from lbq_jobs where status in ('running', 'ready', 'pending')"
+        ).fetchone()[0]
+    # every candidate of every batch linked to its election exactly once, nothing extra
+    expected = sum(len(json.loads(p)["candidates"]) for (p,) in payloads)
+    assert links == expected == 2832 and stuck == 0
+    finals = [e for e in emails(tmp_path) if e["attachments"]]
+    assert len(finals) == 1
+
+
+def _last_line(code: int, capsys: pytest.CaptureFixture[str]) -> str:
+    assert code == 0
+    return capsys.readouterr().out.strip().splitlines()[-1]

@@ -34,6 +34,7 @@ class AppConfig:
     max_candidates_per_batch: int = 40
     concurrency: int = 32
     timeout_ms: int = 120_000
+    lease_s: float = 60.0  # a crashed worker's jobs are taken over after this long
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AppConfig:
@@ -53,6 +54,7 @@ class AppConfig:
             hidden=env.get("ELEVRA_HIDDEN", "1") != "0",
             concurrency=_int(env, "ELEVRA_CONCURRENCY", base.concurrency),
             timeout_ms=_int(env, "GEMINI_TIMEOUT_MS", base.timeout_ms),
+            lease_s=_int(env, "ELEVRA_LEASE_S", int(base.lease_s)),
         )
 
 

@@ -1,0 +1,166 @@
+"""The composition root: one place that wires store, database, model, outbox and pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from sqlalchemy import Engine, create_engine, func, select
+
+from examples.elevra_upload import store as app_store
+from examples.elevra_upload.batches import group_rows
+from examples.elevra_upload.config import AppConfig
+from examples.elevra_upload.ingest import IngestError, IngestResult, read_rows
+from examples.elevra_upload.notifications import ElevraMail
+from examples.elevra_upload.outcomes import rejected_to_meta
+from examples.elevra_upload.pipeline import PIPELINE_NAME, build_pipeline
+from examples.elevra_upload.simulate import start_simulator
+from llm_batch_queue import events
+from llm_batch_queue.adapters.gemini import GeminiAdapter
+from llm_batch_queue.clock import SystemClock
+from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings, DispatchStats
+from llm_batch_queue.jobs import NewItem, Run
+from llm_batch_queue.notify import DryRunTransport, OutboxDelivery
+from llm_batch_queue.pipeline import Pipeline
+from llm_batch_queue.simulator import Simulator
+from llm_batch_queue.store.base import Store
+from llm_batch_queue.store.sql import open_store
+
+
+@dataclass
+class ElevraApp:
+    config: AppConfig
+    out: Path
+    store: Store
+    engine: Engine
+    pipeline: Pipeline
+    simulator: Simulator | None
+    clock: SystemClock
+
+    def submit(self, path: Path) -> tuple[Run, IngestResult, int]:
+        """Read, batch and enqueue a spreadsheet; nothing is enqueued if the file is unusable."""
+        if not path.is_file():
+            raise IngestError(f"{path}: no such file")
+        ingest = read_rows(path)
+        batches = group_rows(ingest.rows, self.config.max_candidates_per_batch)
+        run = self.store.create_run(
+            pipeline=PIPELINE_NAME,
+            name=path.name,
+            stages=self.pipeline.specs,
+            items=[NewItem(b.key, b.to_payload()) for b in batches],
+            meta={
+                "rows": len(ingest.rows) + len(ingest.rejected),
+                "source": str(path),
+                "uploader_email": self.config.uploader_email,
+                "encoding": ingest.encoding,
+                "rejected": rejected_to_meta(ingest.rejected),
+            },
+            now=self.clock.now(),
+            notify=self.pipeline.notify,
+        )
+        return run, ingest, len(batches)
+
+    def dispatch(
+        self,
+        *,
+        on_event: events.EventSink | None = None,
+        time_budget_s: float | None = None,
+        max_jobs: int | None = None,
+        until_idle: bool = True,
+    ) -> DispatchStats:
+        """Drive every runnable job in the store (this run's and any left by earlier processes)."""
+        adapter = GeminiAdapter(
+            api_key="simulated-key" if self.simulator else str(self.config.api_key),
+            base_url=self.simulator.url if self.simulator else None,
+            timeout_ms=self.config.timeout_ms,
+        )
+        outbox = OutboxDelivery(
+            self.store,
+            DryRunTransport(self.out / "emails.jsonl"),
+            ElevraMail(self.store, self.config, self.clock),
+            clock=self.clock,
+        )
+        dispatcher = Dispatcher(
+            self.store,
+            self.pipeline,
+            adapter,
+            limits=self.config.limits,
+            clock=self.clock,
+            settings=DispatcherSettings(
+                concurrency=self.config.concurrency,
+                lease_s=self.config.lease_s,
+                heartbeat_s=self.config.lease_s / 4,
+            ),
+            on_event=on_event,
+            outbox=outbox,
+        )
+
+        async def drive() -> DispatchStats:
+            # one event loop for the calls and the client's close: its connections belong to it
+            try:
+                if until_idle and time_budget_s is None and max_jobs is None:
+                    return await dispatcher.run_until_idle()
+                return await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+            finally:
+                await adapter.aclose()
+
+        return anyio.run(drive)
+
+    def summary(self, run_id: str, elapsed_s: float | None = None) -> dict[str, Any]:
+        run = self.store.get_run(run_id)
+        counts = self.store.counts(run_id)
+        attempts = self.store.attempts(run_id)
+        jobs = self.store.jobs(run_id)
+        workbook = next(
+            (j.output["path"] for j in jobs if j.stage == "workbook" and j.output), None
+        )
+        with self.engine.connect() as conn:
+            elections = conn.scalar(select(func.count()).select_from(app_store.elections))
+            candidates = conn.scalar(select(func.count()).select_from(app_store.candidates))
+        return {
+            "run_id": run_id,
+            "file": run.name,
+            "status": run.status.value,
+            "rows": run.meta.get("rows"),
+            "rows_rejected": len(run.meta.get("rejected", ())),
+            "batches": counts.items_total,
+            "batches_completed": counts.items_by_status.get("completed", 0),
+            "batches_need_reupload": counts.items_by_status.get("needs_reupload", 0),
+            "elections": elections,
+            "candidates": candidates,
+            "jobs": len(jobs),
+            "attempts": len(attempts),
+            "fallbacks": sum(1 for a in attempts if a.result.is_fallback),
+            "provider_429": sum(1 for a in attempts if a.result.error_kind == "rate_limited"),
+            "input_tokens": sum(a.result.input_tokens for a in attempts),
+            "output_tokens": sum(a.result.output_tokens for a in attempts),
+            "workbook": workbook,
+            "emails": sum(1 for n in self.store.notifications(run_id) if n.status == "sent"),
+            "elapsed_s": None if elapsed_s is None else round(elapsed_s, 2),
+        }
+
+
+@contextmanager
+def open_app(
+    config: AppConfig, out: Path, db_url: str | None, *, simulate: bool
+) -> Iterator[ElevraApp]:
+    out.mkdir(parents=True, exist_ok=True)
+    url = db_url or f"sqlite:///{out / 'elevra.db'}"
+    engine = create_engine(url)
+    store = open_store(url)
+    simulator: Simulator | None = None
+    try:
+        app_store.create_tables(engine)
+        pipeline = build_pipeline(config, engine, out)
+        if simulate:
+            simulator = start_simulator(config.limits, pipeline.model_names)
+        yield ElevraApp(config, out, store, engine, pipeline, simulator, SystemClock())
+    finally:
+        if simulator is not None:
+            simulator.close()
+        store.close()
+        engine.dispose()
