@@ -503,6 +503,305 @@ class StoreContract:
         assert store.get_run(run.id).status is RunStatus.COMPLETED
         assert store.next_due() is None
 
+    # admin actions ------------------------------------------------------------------------------
+    def test_retry_reruns_the_failed_stage_onward_and_reopens_the_finished_run(
+        self, store: Store
+    ) -> None:
+        run = new_run(store)
+        for c in store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S):
+            store.complete(c.lease, ok(), {"stage": "analyze", "item": item_key(c)}, T0)
+        for got in store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S):
+            if item_key(got) == "a":  # fall back to the second model, then give up
+                store.fail(got.lease, bad(), Retry(T0, 1, "fallback"), T0)
+            else:
+                store.complete(got.lease, ok(), "b structured", T0)
+        drain(store, T0, fail=lambda c: c.job.stage == "structure")
+        first = store.get_run(run.id)
+        assert (first.status, first.finished_at, first.round) == (
+            RunStatus.COMPLETED_WITH_FAILURES,
+            T0,
+            1,
+        )
+        failed = jobs_by(store, run.id)[("structure", "a")]
+        assert (failed.status, failed.attempts, failed.model_index) == (JobStatus.FAILED, 2, 1)
+        history = store.attempts(run.id)
+
+        item = store.retry_item(run.id, "a", T0 + 10)
+        assert (item.key, item.status, item.error, item.failures) == (
+            "a",
+            ItemStatus.RUNNING,  # analyze succeeded, structure is READY again
+            None,
+            1,
+        )
+        assert item.outputs == {"analyze": {"stage": "analyze", "item": "a"}}
+        assert store.items(run.id)[0] == item
+        reopened = store.get_run(run.id)
+        assert (reopened.status, reopened.finished_at, reopened.round) == (
+            RunStatus.RUNNING,
+            None,
+            2,
+        )
+        jobs = jobs_by(store, run.id)
+        kept = jobs[("analyze", "a")]
+        assert (kept.status, kept.attempts) == (JobStatus.SUCCEEDED, 1)
+        again = jobs[("structure", "a")]
+        assert (again.status, again.attempts, again.model_index, again.model_failures) == (
+            JobStatus.READY,
+            0,
+            0,
+            0,
+        )
+        assert (again.last_error, again.next_run_at, again.output) == (None, T0 + 10, None)
+        for stage in ("workbook", "notify"):
+            job = jobs[(stage, None)]
+            assert (job.status, job.attempts, job.output) == (JobStatus.PENDING, 0, None)
+        assert jobs[("structure", "b")].status is JobStatus.SUCCEEDED
+        assert store.attempts(run.id) == history  # the history is kept, never deleted
+
+        (only,) = store.claim(worker="w", now=T0 + 10, limit=10, lease_s=LEASE_S)
+        assert (only.job.stage, item_key(only), only.run.round) == ("structure", "a", 2)
+        store.complete(only.lease, ok(T0 + 10), "a structured", T0 + 10)
+        drain(store, T0 + 10)
+        done = store.get_run(run.id)
+        assert (done.status, done.finished_at, done.round) == (RunStatus.COMPLETED, T0 + 10, 2)
+        assert {i.key: i.status for i in store.items(run.id)} == {
+            "a": ItemStatus.COMPLETED,
+            "b": ItemStatus.COMPLETED,
+        }
+        assert store.attempts(run.id)[: len(history)] == history
+        assert [(a.stage, a.item_key) for a in store.attempts(run.id)[len(history) :]] == [
+            ("structure", "a"),
+            ("workbook", None),
+            ("notify", None),
+        ]
+        written = kinds(store, run.id)
+        assert written[: written.index((RUN_FINISHED, "")) + 1] == [
+            ("run_queued", ""),
+            (STAGE_COMPLETE, "analyze"),
+            (ITEM_FAILED, "a#1"),
+            (STAGE_COMPLETE, "structure"),
+            (RUN_FINISHED, ""),
+        ]
+        # round 2 reports what settled again, and the run's end, once more
+        assert written[written.index((RUN_FINISHED, "")) + 1 :] == [
+            (STAGE_COMPLETE, "structure@2"),
+            (RUN_FINISHED, "@2"),
+        ]
+        by_key = {n.key: n.payload for n in store.notifications(run.id)}
+        assert by_key["structure@2"] == {"stage": "structure", "jobs": {"succeeded": 2}}
+        assert by_key["@2"]["status"] == "completed"
+        assert by_key[""]["status"] == "completed_with_failures"
+
+    def test_retry_refuses_an_item_that_does_not_need_reupload(self, store: Store) -> None:
+        run = new_run(store, keys=("q",))
+        before = snapshot(store, run.id)
+        with pytest.raises(ValueError, match="'q' is queued"):
+            store.retry_item(run.id, "q", T0)
+        c = claim_one(store)
+        with pytest.raises(ValueError, match="'q' is running"):
+            store.retry_item(run.id, "q", T0)
+        store.release(c.lease, T0, "back", T0)
+        drain(store)
+        assert store.items(run.id)[0].status is ItemStatus.COMPLETED
+        before = snapshot(store, run.id)
+        with pytest.raises(ValueError, match="'q' is completed"):
+            store.retry_item(run.id, "q", T0 + 1)
+        with pytest.raises(ValueError, match="'q' is completed"):
+            store.skip_item(run.id, "q", "late", T0 + 1)
+        assert snapshot(store, run.id) == before
+
+    def test_admin_actions_on_an_unknown_run_or_item_raise_key_error(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        with pytest.raises(KeyError, match="nope"):
+            store.retry_item("nope", "a", T0)
+        with pytest.raises(KeyError, match="'zz'"):
+            store.retry_item(run.id, "zz", T0)
+        with pytest.raises(KeyError, match="nope"):
+            store.skip_item("nope", "a", "x", T0)
+        with pytest.raises(KeyError, match="'zz'"):
+            store.skip_item(run.id, "zz", "x", T0)
+        assert store.items(run.id)[0].status is ItemStatus.QUEUED
+
+    def test_skip_of_a_running_item_cancels_it_and_its_worker_changes_nothing(
+        self, store: Store
+    ) -> None:
+        run = new_run(store)
+        claimed = store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S)
+        (mine,) = [c for c in claimed if item_key(c) == "a"]
+        for c in claimed:
+            if c is not mine:
+                store.complete(c.lease, ok(), None, T0)
+        item = store.skip_item(run.id, "a", " rows unreadable ", T0 + 1)
+        assert (item.status, item.error, item.failures) == (
+            ItemStatus.NEEDS_REUPLOAD,
+            "skipped: rows unreadable",
+            1,
+        )
+        jobs = jobs_by(store, run.id)
+        for stage in ("analyze", "structure"):
+            job = jobs[(stage, "a")]
+            assert (job.status, job.last_error) == (JobStatus.CANCELLED, "skipped: rows unreadable")
+        assert jobs[("structure", "b")].status is JobStatus.READY
+        failed = [n for n in store.notifications(run.id) if n.kind == ITEM_FAILED]
+        assert [(n.key, n.payload) for n in failed] == [
+            ("a#1", {"item_key": "a", "error": "skipped: rows unreadable", "failure": 1})
+        ]
+        assert (STAGE_COMPLETE, "analyze") in kinds(store, run.id)  # b's analyze was the last
+        before = snapshot(store, run.id)
+        with pytest.raises(LeaseLost):
+            store.complete(mine.lease, ok(), "late", T0 + 2)
+        with pytest.raises(LeaseLost):
+            store.fail(mine.lease, bad(), GiveUp("late"), T0 + 2)
+        with pytest.raises(LeaseLost):
+            store.heartbeat(mine.lease, T0 + 2, LEASE_S)
+        with pytest.raises(LeaseLost):
+            store.release(mine.lease, T0 + 9, "late", T0 + 2)
+        assert snapshot(store, run.id) == before
+        with pytest.raises(ValueError, match="'a' is needs_reupload already"):
+            store.skip_item(run.id, "a", "twice", T0 + 2)
+        assert snapshot(store, run.id) == before
+
+        drain(store, T0 + 3)
+        assert store.get_run(run.id).status is RunStatus.COMPLETED_WITH_FAILURES
+        payload = next(n.payload for n in store.notifications(run.id) if n.key == "analyze")
+        assert payload == {"stage": "analyze", "jobs": {"succeeded": 1, "cancelled": 1}}
+        # a skipped item can be retried: every stage of it runs again, in round 2
+        again = store.retry_item(run.id, "a", T0 + 4)
+        assert (again.status, again.error, again.failures) == (ItemStatus.QUEUED, None, 1)
+        drain(store, T0 + 4)
+        assert store.get_run(run.id).status is RunStatus.COMPLETED
+        assert kinds(store, run.id)[-3:] == [
+            (STAGE_COMPLETE, "analyze@2"),
+            (STAGE_COMPLETE, "structure@2"),
+            (RUN_FINISHED, "@2"),
+        ]
+
+    def test_skipping_the_last_unsettled_item_starts_the_run_stages(self, store: Store) -> None:
+        run = new_run(store, keys=("a", "b"))
+        drain_item(store, "b")
+        assert status_of(store, run.id)[("workbook", None)] is JobStatus.PENDING
+        assert store.items(run.id)[0].status is ItemStatus.RUNNING  # claimed once, handed back
+        store.skip_item(run.id, "a", "duplicate upload", T0 + 1)
+        statuses = status_of(store, run.id)
+        assert (statuses[("workbook", None)], statuses[("notify", None)]) == (
+            JobStatus.READY,
+            JobStatus.PENDING,
+        )
+        assert (statuses[("analyze", "a")], statuses[("structure", "a")]) == (
+            JobStatus.CANCELLED,
+            JobStatus.CANCELLED,
+        )
+        written = kinds(store, run.id)
+        assert written[-3:] == [
+            (ITEM_FAILED, "a#1"),
+            (STAGE_COMPLETE, "analyze"),
+            (STAGE_COMPLETE, "structure"),
+        ]
+        drain(store, T0 + 2)
+        finished = store.get_run(run.id)
+        assert (finished.status, finished.round) == (RunStatus.COMPLETED_WITH_FAILURES, 1)
+        assert kinds(store, run.id)[-1] == (RUN_FINISHED, "")
+
+    def test_retry_while_the_run_stages_run_restarts_them(self, store: Store) -> None:
+        run = new_run(store)
+        drain(store, fail=lambda c: item_key(c) == "a")
+        assert store.get_run(run.id).status is RunStatus.COMPLETED_WITH_FAILURES
+        run = new_run(store)  # again, but hold the workbook job in flight
+        for c in store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S):
+            if item_key(c) == "a":
+                store.fail(c.lease, bad(), GiveUp("broken"), T0)
+            else:
+                store.complete(c.lease, ok(), None, T0)
+        structure = claim_one(store)
+        store.complete(structure.lease, ok(), None, T0)
+        workbook = claim_one(store)
+        assert workbook.job.stage == "workbook"
+        store.retry_item(run.id, "a", T0 + 1)
+        assert (store.get_run(run.id).status, store.get_run(run.id).round) == (
+            RunStatus.RUNNING,
+            1,
+        )
+        assert status_of(store, run.id)[("workbook", None)] is JobStatus.PENDING
+        with pytest.raises(LeaseLost):  # its workbook would lack the retried item
+            store.complete(workbook.lease, ok(), "stale", T0 + 1)
+        drain(store, T0 + 2)
+        assert store.get_run(run.id).status is RunStatus.COMPLETED
+        assert kinds(store, run.id).count((RUN_FINISHED, "")) == 1
+        assert (RUN_FINISHED, "@2") not in kinds(store, run.id)
+
+    def test_admin_actions_racing_workers_leave_a_consistent_graph(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        """Skips and retries while workers claim and finish: no deadlock, no lost update."""
+        stages = {
+            "a": StageSpec("a", Scope.ITEM, max_attempts=2),
+            "b": StageSpec("b", Scope.ITEM, after=("a",), max_attempts=2),
+            "w": StageSpec("w", Scope.RUN),
+        }
+        keys = tuple(f"k{i}" for i in range(16))
+        run = new_run(store_factory(), keys=keys, stages=stages)
+        ticks = itertools.count()
+        errors: list[BaseException] = []
+        admin_done = threading.Event()
+        done: list[str] = []
+
+        def worker(n: int) -> None:
+            store, rnd = store_factory(), random.Random(n)
+            try:
+                while not admin_done.is_set() or store.get_run(run.id).status is RunStatus.RUNNING:
+                    now = T0 + next(ticks)
+                    if now > T0 + 20_000:
+                        return
+                    for c in store.claim(worker=f"w{n}", now=now, limit=2, lease_s=30):
+                        with contextlib.suppress(LeaseLost):
+                            if rnd.random() < 0.7:  # many give-ups: something to retry
+                                store.complete(c.lease, ok(now), c.job.stage, now)
+                            else:
+                                store.fail(c.lease, bad(now), GiveUp("x"), now)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def admin() -> None:
+            store, rnd = store_factory(), random.Random(99)
+            try:
+                for _ in range(120):
+                    now = T0 + next(ticks)
+                    key = rnd.choice(keys)
+                    with contextlib.suppress(ValueError):
+                        if rnd.random() < 0.5:
+                            done.append(store.skip_item(run.id, key, "admin", now).key)
+                        else:
+                            done.append(store.retry_item(run.id, key, now).key)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                admin_done.set()
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+        threads.append(threading.Thread(target=admin))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        assert len(done) >= 5  # the admin did act, not only get refused
+        store = store_factory()
+        jobs = store.jobs(run.id)
+        assert all(j.status.settled for j in jobs)
+        for item in store.items(run.id):
+            mine = {j.stage: j.status for j in jobs if j.item_id == item.id}
+            assert item.status is transitions.item_status(mine)
+            assert set(item.outputs) == {s for s, st in mine.items() if st is JobStatus.SUCCEEDED}
+            failures = [n for n in store.notifications(run.id) if n.key.startswith(f"{item.key}#")]
+            assert len(failures) == item.failures
+        run_jobs = {j.stage: j.status for j in jobs if j.item_id is None}
+        final = store.get_run(run.id)
+        assert final.status is transitions.run_status(
+            run_jobs, store.counts(run.id).items_by_status
+        )
+        finished = [n for n in store.notifications(run.id) if n.kind == RUN_FINISHED]
+        assert [n.key for n in finished] == [""] + [f"@{r}" for r in range(2, final.round + 1)]
+
     # rate ledger --------------------------------------------------------------------------------
     def test_reserve_enforces_rpm_over_a_sliding_window(self, store: Store) -> None:
         limits = ModelLimits(rpm=3)

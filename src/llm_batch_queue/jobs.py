@@ -67,6 +67,7 @@ class Run:
     meta: JSON
     created_at: float
     finished_at: float | None
+    round: int = 1  # 1, then +1 each time an admin retry reopens the finished run
 
 
 @dataclass(frozen=True, slots=True)

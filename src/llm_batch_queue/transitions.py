@@ -30,7 +30,9 @@ def item_step(stages: Mapping[str, StageSpec], jobs: Mapping[str, JobStatus]) ->
 
 
 def item_status(jobs: Mapping[str, JobStatus]) -> ItemStatus:
-    if any(s is JobStatus.FAILED for s in jobs.values()):
+    # a cancelled job follows a failed sibling, or an admin skip: either way the item is stuck
+    # until it is re-uploaded (or retried)
+    if any(s is JobStatus.FAILED or s is JobStatus.CANCELLED for s in jobs.values()):
         return ItemStatus.NEEDS_REUPLOAD
     if all(s is JobStatus.SUCCEEDED for s in jobs.values()):
         return ItemStatus.COMPLETED

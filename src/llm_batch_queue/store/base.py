@@ -69,6 +69,27 @@ class Store(Protocol):
 
     def counts(self, run_id: str) -> RunCounts: ...
 
+    # admin actions -------------------------------------------------------------------------------
+    def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
+        """Run an item that needs re-upload again, from the stage that failed onward.
+
+        Only a NEEDS_REUPLOAD item (ValueError otherwise; KeyError for an unknown run or item).
+        Its FAILED and CANCELLED jobs start over (attempt counters reset, attempt history kept);
+        SUCCEEDED ones and their outputs are kept. The run-scope jobs go back to PENDING, so they
+        run again once every item has settled; a finished run is reopened in a new round, whose
+        stage_complete and run_finished milestones are written again.
+        """
+        ...
+
+    def skip_item(self, run_id: str, item_key: str, reason: str, now: float) -> Item:
+        """Give up on a QUEUED or RUNNING item now: it ends NEEDS_REUPLOAD.
+
+        Its unsettled jobs are cancelled (a worker still running one gets LeaseLost and changes
+        nothing), the item_failed milestone is written and the run advances as after any
+        settlement. ValueError for a COMPLETED or NEEDS_REUPLOAD item; KeyError if unknown.
+        """
+        ...
+
     # claiming and finishing ------------------------------------------------------------------
     def claim(
         self,

@@ -32,6 +32,7 @@ from llm_batch_queue.jobs import (
     StageSpec,
 )
 from llm_batch_queue.limits import Deny, ModelLimits, Usage, WindowEntry, admit, day_start
+from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
 from llm_batch_queue.store.base import ModelState, Reservation
 from llm_batch_queue.store.milestones import Milestones
 
@@ -146,6 +147,66 @@ class MemoryStore:
                 pair = (job.stage, job.status.value)
                 counts.jobs_by_stage_status[pair] = counts.jobs_by_stage_status.get(pair, 0) + 1
             return counts
+
+    # admin actions -------------------------------------------------------------------------------
+    def _find_item(self, run_id: str, item_key: str) -> Item:
+        self.get_run(run_id)
+        for item in self._items.values():
+            if item.run_id == run_id and item.key == item_key:
+                return item
+        raise KeyError(f"run {run_id} has no item {item_key!r}")
+
+    def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
+        with self._lock:
+            item = self._find_item(run_id, item_key)
+            if item.status is not ItemStatus.NEEDS_REUPLOAD:
+                raise ValueError(not_retryable(item))
+            run = self._runs[run_id]
+            if run.status is not RunStatus.RUNNING:
+                self._runs[run_id] = replace(
+                    run, status=RunStatus.RUNNING, finished_at=None, round=run.round + 1
+                )
+            for job in list(self._jobs.values()):
+                if job.run_id != run_id:
+                    continue
+                if job.item_id is None or (
+                    job.item_id == item.id and job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+                ):
+                    self._leases.pop(job.id, None)  # a run-scope job in flight loses its lease
+                    self._jobs[job.id] = replace(
+                        job,
+                        status=JobStatus.PENDING,
+                        attempts=0,
+                        model_index=0,
+                        model_failures=0,
+                        last_error=None,
+                        next_run_at=now,
+                        output=None,
+                    )
+            siblings = {j.stage: j for j in self._jobs.values() if j.item_id == item.id}
+            stages = self._stages[run_id]
+            step = transitions.item_step(stages, {s: j.status for s, j in siblings.items()})
+            self._apply(step, siblings, now)
+            statuses = {s: self._jobs[j.id].status for s, j in siblings.items()}
+            item = replace(item, status=transitions.item_status(statuses), error=None)
+            self._items[item.id] = item
+            return copy.deepcopy(item)
+
+    def skip_item(self, run_id: str, item_key: str, reason: str, now: float) -> Item:
+        with self._lock:
+            item = self._find_item(run_id, item_key)
+            if item.status not in SKIPPABLE:
+                raise ValueError(not_skippable(item))
+            note = skip_note(reason)
+            cancelled: set[str] = set()
+            for job in list(self._jobs.values()):
+                if job.item_id == item.id and not job.status.settled:
+                    self._leases.pop(job.id, None)  # its worker now gets LeaseLost (D-10)
+                    self._jobs[job.id] = replace(job, status=JobStatus.CANCELLED, last_error=note)
+                    cancelled.add(job.stage)
+            self._items[item.id] = replace(item, error=note)
+            self._settle(run_id, item.id, cancelled, now)
+            return copy.deepcopy(self._items[item.id])
 
     # claiming ----------------------------------------------------------------------------------
     def _claimable(self, now: float, stages: Collection[str] | None) -> list[tuple[Job, bool]]:
@@ -306,21 +367,34 @@ class MemoryStore:
         self._attempts.append(Attempt(next(self._ids), job.id, job.stage, item_key, result))
 
     def _after_settle(self, job: Job, now: float) -> None:
-        stages = self._stages[job.run_id]
-        milestones = self._milestones(job.run_id)
-        if job.item_id is not None:
-            siblings = {j.stage: j for j in self._jobs.values() if j.item_id == job.item_id}
+        self._settle(job.run_id, job.item_id, {job.stage}, now)
+
+    def _settle(
+        self, run_id: str, item_id: str | None, changed: Collection[str], now: float
+    ) -> None:
+        """Advance the item (if any) and the run after jobs of the `changed` stages settled.
+
+        Only those stages, and the ones this cancels, are checked for stage milestones (as the
+        SQL store does): a stage none of whose jobs changed did not just complete.
+        """
+        stages = self._stages[run_id]
+        milestones = self._milestones(run_id)
+        if item_id is not None:
+            siblings = {j.stage: j for j in self._jobs.values() if j.item_id == item_id}
             step = transitions.item_step(stages, {s: j.status for s, j in siblings.items()})
             self._apply(step, siblings, now)
             statuses = {s: self._jobs[j.id].status for s, j in siblings.items()}
-            item = self._items[job.item_id]
+            item = self._items[item_id]
             status = transitions.item_status(statuses)
             if status is ItemStatus.NEEDS_REUPLOAD and item.status is not status:
                 item = replace(item, failures=item.failures + 1)
                 milestones.item_failed(item, now)
             self._items[item.id] = replace(item, status=status)
-            milestones.stages_settled(self.counts(job.run_id), stages, now)
-        self._advance_run(job.run_id, now)
+            touched = {*changed, *step.cancel}
+            milestones.stages_settled(
+                self.counts(run_id), {n: s for n, s in stages.items() if n in touched}, now
+            )
+        self._advance_run(run_id, now)
 
     def _apply(self, step: transitions.GraphStep, jobs: Mapping[str, Job], now: float) -> None:
         for stage in step.ready:
@@ -406,7 +480,10 @@ class MemoryStore:
     # outbox -------------------------------------------------------------------------------------
     def _milestones(self, run_id: str) -> Milestones:
         return Milestones(
-            run_id, self._notify_kinds.get(run_id, frozenset()), self._add_notification
+            run_id,
+            self._notify_kinds.get(run_id, frozenset()),
+            self._add_notification,
+            self._runs[run_id].round,
         )
 
     def _add_notification(

@@ -1,7 +1,9 @@
 """Outbox rows for pipeline milestones, shared by every Store.
 
 Each Store calls these inside the transaction that caused the milestone; the (run, kind, key)
-uniqueness of the outbox makes every milestone fire at most once.
+uniqueness of the outbox makes every milestone fire at most once per round. A run's round (1, then
++1 each time an admin retry reopens the finished run) is part of the stage_complete and
+run_finished keys after the first ("analyze@2", "@2"), so a reopened run reports them again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class Milestones:
     run_id: str
     kinds: Collection[str]
     add: AddNotification
+    round: int = 1
+
+    def _in_round(self, key: str) -> str:
+        return key if self.round <= 1 else f"{key}@{self.round}"
 
     def _emit(self, kind: str, key: str, payload: JSON, now: float) -> None:
         if kind in self.kinds:
@@ -48,7 +54,13 @@ class Milestones:
                 st: n for (stage, st), n in counts.jobs_by_stage_status.items() if stage == name
             }
             if by_status and all(JobStatus(st).settled for st in by_status):
-                self._emit(STAGE_COMPLETE, name, {"stage": name, "jobs": by_status}, now)
+                self._emit(
+                    STAGE_COMPLETE,
+                    self._in_round(name),
+                    {"stage": name, "jobs": by_status},
+                    now,
+                )
 
     def run_finished(self, status: RunStatus, counts: RunCounts, now: float) -> None:
-        self._emit(RUN_FINISHED, "", {"status": status.value, "items": counts.items_by_status}, now)
+        payload = {"status": status.value, "items": counts.items_by_status}
+        self._emit(RUN_FINISHED, self._in_round(""), payload, now)

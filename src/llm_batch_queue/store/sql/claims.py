@@ -152,7 +152,7 @@ def _expire(
             .values(error=f"{job.stage}: {EXPIRED_MESSAGE}")
         )
     return job, graph.after_settle(
-        conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now, job.stage
+        conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now, (job.stage,)
     )
 
 

@@ -9,7 +9,7 @@ produce.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 from sqlalchemy import ColumnElement, Connection, func, select, update
@@ -33,7 +33,9 @@ class RunSpec:
 
 
 def milestones(conn: Connection, run_id: str, spec: RunSpec) -> Milestones:
-    return Milestones(run_id, spec.notify, lambda *args: outbox.add(conn, *args))
+    """The run's milestones in its current round (which admin retries change, so not cached)."""
+    round_ = conn.execute(select(runs.c.round).where(runs.c.id == run_id)).scalar_one()
+    return Milestones(run_id, spec.notify, lambda *args: outbox.add(conn, *args), round_)
 
 
 def counts(conn: Connection, run_id: str) -> RunCounts:
@@ -59,11 +61,11 @@ def after_settle(
     item_id: str | None,
     spec: RunSpec,
     now: float,
-    stage: str | None = None,
+    changed: Collection[str] | None = None,
 ) -> set[str]:
     """Advance the item (if any) and the run; returns the ids of jobs made READY.
 
-    `stage` is the stage of the job that just settled (None: check every stage). Only the stages
+    `changed` names the stages whose jobs just settled (None: check every stage). Only the stages
     that changed are checked for milestones, and the run only when an item settled, so the cost
     per completion does not grow with the size of the run.
     """
@@ -72,7 +74,7 @@ def after_settle(
     if item_id is not None:
         ready, item_settled, touched = _settle_item(conn, run_id, item_id, spec, now)
         released |= ready
-        stages = touched | ({stage} if stage else set(spec.stages))
+        stages = touched | (set(changed) if changed is not None else set(spec.stages))
         _stage_milestones(conn, run_id, spec, stages, now)
     if item_settled:
         released |= advance_run(conn, run_id, spec, now)
@@ -104,7 +106,8 @@ def _settle_item(
 def _stage_milestones(
     conn: Connection, run_id: str, spec: RunSpec, stages: set[str], now: float
 ) -> None:
-    item_stages = [s for s in stages if spec.stages[s].scope is Scope.ITEM]
+    # in the graph's order, as MemoryStore writes simultaneous milestones
+    item_stages = [s for s, st in spec.stages.items() if s in stages and st.scope is Scope.ITEM]
     for name in item_stages:
         if _any_unsettled(conn, run_id, [name]):
             continue
@@ -146,6 +149,15 @@ def advance_run(conn: Connection, run_id: str, spec: RunSpec, now: float) -> set
         )
         milestones(conn, run_id, spec).run_finished(finished, tally, now)
     return released
+
+
+def restart_item(conn: Connection, item_id: str, spec: RunSpec, now: float) -> ItemStatus:
+    """After an admin retry reset some of the item's jobs to PENDING: make READY those whose
+    dependencies succeeded, and say what the item's status is now."""
+    siblings = _load(conn, jobs.c.item_id == item_id)
+    step = transitions.item_step(spec.stages, {s: st for s, (_, st) in siblings.items()})
+    _apply(conn, step, siblings, now)
+    return transitions.item_status(_after(step, siblings))
 
 
 def _load(conn: Connection, where: ColumnElement[bool]) -> dict[str, tuple[str, JobStatus]]:

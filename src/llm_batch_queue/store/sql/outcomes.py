@@ -49,7 +49,8 @@ def complete(
             .where(items.c.id == job.item_id)
             .values(outputs={**(outputs or {}), job.stage: output})
         )
-    graph.after_settle(conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now, job.stage)
+    spec = spec_of(conn, job.run_id)
+    graph.after_settle(conn, job.run_id, job.item_id, spec, now, (job.stage,))
 
 
 def fail(
@@ -80,7 +81,8 @@ def fail(
                 .where(items.c.id == job.item_id)
                 .values(error=f"{job.stage}: {outcome.reason}")
             )
-        graph.after_settle(conn, job.run_id, job.item_id, spec_of(conn, job.run_id), now, job.stage)
+        spec = spec_of(conn, job.run_id)
+        graph.after_settle(conn, job.run_id, job.item_id, spec, now, (job.stage,))
         return
     # a retry changes only this job, and leaves the graph as it was: no run lock needed
     same_model = outcome.model_index == job.model_index

@@ -61,6 +61,7 @@ def to_run(row: Row[Any]) -> Run:
         m["meta"],
         m["created_at"],
         m["finished_at"],
+        m["round"],
     )
 
 

@@ -8,9 +8,11 @@ Every method is one transaction. Writing transactions begin with BEGIN IMMEDIATE
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+import time
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.store.base import ModelState, Reservation
-from llm_batch_queue.store.sql import claims, graph, ledger, outbox, outcomes, schema
+from llm_batch_queue.store.sql import admin, claims, graph, ledger, outbox, outcomes, schema
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
 from llm_batch_queue.store.sql.rows import (
     stages_from_json,
@@ -49,6 +51,8 @@ from llm_batch_queue.store.sql.rows import (
 from llm_batch_queue.store.sql.tables import attempts, jobs, runs
 from llm_batch_queue.store.sql.tables import items as items_table
 from llm_batch_queue.transitions import initial_status
+
+ADMIN_TRIES = 40  # about 8 s of backing off while workers finish the jobs an admin action needs
 
 
 class SQLStore:
@@ -137,6 +141,7 @@ class SQLStore:
                     stages=stages_to_json(stages),
                     notify=sorted(spec.notify),
                     created_at=now,
+                    round=1,
                 )
             )
             if item_rows:
@@ -190,6 +195,27 @@ class SQLStore:
     def counts(self, run_id: str) -> RunCounts:
         with self._tx() as conn:
             return graph.counts(conn, run_id)
+
+    # admin actions -------------------------------------------------------------------------------
+    def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
+        return self._admin(lambda conn: admin.retry_item(conn, self._spec, run_id, item_key, now))
+
+    def skip_item(self, run_id: str, item_key: str, reason: str, now: float) -> Item:
+        return self._admin(
+            lambda conn: admin.skip_item(conn, self._spec, run_id, item_key, reason, now)
+        )
+
+    def _admin(self, action: Callable[[Connection], Item]) -> Item:
+        """Run an admin action, again if a worker was finishing one of its jobs (admin.Busy)."""
+        for attempt in itertools.count():
+            try:
+                with self._tx(write=True) as conn:
+                    return action(conn)
+            except admin.Busy:
+                if attempt >= ADMIN_TRIES:
+                    raise
+                time.sleep(min(0.005 * 2**attempt, 0.25))
+        raise AssertionError("unreachable")
 
     # claiming and finishing ------------------------------------------------------------------
     def claim(

@@ -55,6 +55,8 @@ runs = Table(
     Column("notify", Json, nullable=False),
     Column("created_at", Time, nullable=False),
     Column("finished_at", Time),
+    # 1, then +1 each time an admin retry reopens the finished run (milestone keys carry it)
+    Column("round", Integer, nullable=False),
 )
 
 items = Table(

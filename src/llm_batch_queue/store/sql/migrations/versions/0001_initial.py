@@ -81,6 +81,7 @@ def upgrade() -> None:
         sa.Column("notify", _json(), nullable=False),
         _time("created_at"),
         _time("finished_at", nullable=True),
+        sa.Column("round", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_lbq_runs")),
     )
     op.create_table(
