@@ -23,7 +23,7 @@ from llm_batch_queue import events
 from llm_batch_queue.adapters.gemini import GeminiAdapter
 from llm_batch_queue.clock import SystemClock
 from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings, DispatchStats
-from llm_batch_queue.jobs import NewItem, Run
+from llm_batch_queue.jobs import Item, NewItem, Run
 from llm_batch_queue.notify import DryRunTransport, OutboxDelivery
 from llm_batch_queue.pipeline import Pipeline
 from llm_batch_queue.simulator import Simulator
@@ -63,6 +63,17 @@ class ElevraApp:
             notify=self.pipeline.notify,
         )
         return run, ingest, len(batches)
+
+    def retry(self, run_id: str, batch_key: str) -> Item:
+        """Queue a batch that needs re-upload again, from the stage that failed (the stages it
+        passed are kept). The upload gets a new workbook and final e-mail once it settles.
+        ValueError unless the batch needs re-upload; KeyError for an unknown upload or batch."""
+        return self.store.retry_item(run_id, batch_key, self.clock.now())
+
+    def skip(self, run_id: str, batch_key: str, reason: str) -> Item:
+        """Give up on a queued or running batch: it is marked for re-upload with `reason`, and
+        the upload finishes without it. ValueError for a completed or already failed batch."""
+        return self.store.skip_item(run_id, batch_key, reason, self.clock.now())
 
     def dispatch(
         self,

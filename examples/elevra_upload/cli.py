@@ -1,6 +1,8 @@
 """`python -m examples.elevra_upload run FILE`: ingest, dispatch until done, report.
 
-Also `dispatch` (drive whatever is queued: after a crash, or from cron) and `status`.
+Also `dispatch` (drive whatever is queued: after a crash, or from cron), `status`, and the admin
+actions on one batch: `retry` (run a batch that needs re-upload again) and `skip` (mark a queued
+or running batch for re-upload).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from examples.elevra_upload.config import AppConfig, parse_limits
 from examples.elevra_upload.ingest import IngestError
 from llm_batch_queue import events
 from llm_batch_queue.errors import ConfigError
+from llm_batch_queue.jobs import ItemStatus
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +40,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     dispatch.add_argument("--max-jobs", type=int, help="start at most this many jobs")
     status = sub.add_parser("status", help="show the uploads in the database")
     status.add_argument("run_id", nargs="?", help="one upload's summary (default: all)")
-    for p in (run, dispatch, status):
+    retry = sub.add_parser(
+        "retry",
+        help="run a batch that needs re-upload again, from the stage that failed",
+        description="Re-queue a batch that failed or was skipped: the stages it passed are kept, "
+        "the rest run again, then the upload gets a new workbook and final e-mail.",
+    )
+    skip = sub.add_parser(
+        "skip",
+        help="mark a queued or running batch for re-upload now",
+        description="Give up on a batch that is still queued or running: its jobs are cancelled "
+        "and the upload finishes without it. The e-mails and, if it was the last batch, the "
+        "workbook follow with the next `dispatch`.",
+    )
+    for p in (retry, skip):
+        p.add_argument("run_id", help="the upload (see `status`)")
+        p.add_argument("batch_key", help="the batch's key (`status RUN_ID` lists them)")
+    retry.add_argument(
+        "--no-dispatch",
+        action="store_true",
+        help="only re-queue the batch (a running or later `dispatch` does the work)",
+    )
+    skip.add_argument("--reason", required=True, help="why: shown in the e-mail and workbook")
+    for p in (run, dispatch, status, retry, skip):
         p.add_argument(
             "--out",
             type=Path,
@@ -46,27 +71,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         p.add_argument("--db", help="database URL (default: sqlite:///OUT/elevra.db)")
         p.add_argument("--json", action="store_true", help="print JSON as the last line")
-    for p in (run, dispatch):
+    for p in (run, dispatch, retry):
         p.add_argument(
             "--simulate",
             action="store_true",
             help="use the offline Gemini simulator (the default without GEMINI_API_KEY)",
         )
         p.add_argument("--limits", help='JSON or a JSON file: {"gemini-2.5-pro": {"rpm": 150}}')
-        p.add_argument("--uploader", help="e-mail address of the uploader (gets the e-mails)")
         p.add_argument("--concurrency", type=int, help="model calls in flight at once")
+    for p in (run, dispatch):
+        p.add_argument("--uploader", help="e-mail address of the uploader (gets the e-mails)")
+    for p in (run, dispatch, retry, skip):
         p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     try:
         config = _config(args)
         simulate = bool(getattr(args, "simulate", False)) or not config.api_key
-        with open_app(
-            config, args.out, args.db, simulate=simulate and args.command != "status"
-        ) as app:
+        calls_models = args.command in ("run", "dispatch") or (
+            args.command == "retry" and not args.no_dispatch
+        )
+        with open_app(config, args.out, args.db, simulate=simulate and calls_models) as app:
             if args.command == "run":
                 return _run(app, args)
             if args.command == "dispatch":
                 return _dispatch(app, args)
+            if args.command == "retry":
+                return _retry(app, args)
+            if args.command == "skip":
+                return _skip(app, args)
             return _status(app, args)
     except (IngestError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -124,6 +156,52 @@ def _dispatch(app: ElevraApp, args: argparse.Namespace) -> int:
     return 0
 
 
+def _retry(app: ElevraApp, args: argparse.Namespace) -> int:
+    log = _Progress(quiet=args.quiet)
+    started = time.monotonic()
+    try:
+        item = app.retry(args.run_id, args.batch_key)
+    except (KeyError, ValueError) as exc:
+        return _refused(exc)
+    log.say(f"batch {item.key} re-queued (it failed {item.failures} time(s) so far)")
+    if args.no_dispatch:
+        log.say("not dispatched: a running `dispatch`, or the next one, does the work")
+    else:
+        app.dispatch(on_event=log.on_event)
+    summary = app.summary(args.run_id, time.monotonic() - started)
+    log.say(_human(summary))
+    if args.json:
+        print(json.dumps(summary))
+    after = next(i for i in app.store.items(args.run_id) if i.key == item.key)
+    return 1 if after.status is ItemStatus.NEEDS_REUPLOAD else 0
+
+
+def _skip(app: ElevraApp, args: argparse.Namespace) -> int:
+    log = _Progress(quiet=args.quiet)
+    try:
+        item = app.skip(args.run_id, args.batch_key, args.reason)
+    except (KeyError, ValueError) as exc:
+        return _refused(exc)
+    summary = app.summary(args.run_id)
+    log.say(
+        f"batch {item.key} marked for re-upload ({item.error}); upload {summary['status']}: "
+        f"{summary['batches_completed']}/{summary['batches']} batches completed, "
+        f"{summary['batches_need_reupload']} need re-upload. Its e-mail (and the workbook, if "
+        "this was the last open batch) go out with the next `dispatch`."
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _refused(exc: KeyError | ValueError) -> int:
+    """The store refused the admin action: an unknown upload/batch, or a batch in the wrong
+    state. (A KeyError's str() is its repr; print its message.)"""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _status(app: ElevraApp, args: argparse.Namespace) -> int:
     runs = [app.store.get_run(args.run_id)] if args.run_id else app.store.list_runs()
     summaries = [app.summary(r.id) for r in runs]
@@ -133,6 +211,11 @@ def _status(app: ElevraApp, args: argparse.Namespace) -> int:
             f"{s['batches']} batches, {s['batches_need_reupload']} need re-upload",
             file=sys.stderr,
         )
+    if args.run_id:  # the batches an admin may retry or skip, by key
+        for item in app.store.items(args.run_id):
+            if item.status is not ItemStatus.COMPLETED:
+                error = f"  {item.error}" if item.error else ""
+                print(f"  {item.status.value:<15} {item.key}{error}", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries))
     return 0

@@ -1,0 +1,156 @@
+"""The app's admin commands end to end: `retry` and `skip` one batch of an upload."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import openpyxl
+import pytest
+
+from examples.elevra_upload import pipeline
+from examples.elevra_upload.app import open_app
+from examples.elevra_upload.batches import group_rows
+from examples.elevra_upload.cli import main
+from examples.elevra_upload.config import AppConfig
+from examples.elevra_upload.ingest import read_rows
+from examples.elevra_upload.store import InsertError
+
+SAMPLE = Path(__file__).parents[1] / "examples" / "elevra_upload" / "samples" / "sample_nc.csv"
+
+
+@pytest.fixture(autouse=True)
+def _no_real_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "ELEVRA_LIMITS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """Exit code, the --json summary (if printed) and stderr."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if lines else None), captured.err
+
+
+def emails(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "emails.jsonl").read_text().splitlines()]
+
+
+def outcomes(attachment: dict[str, Any]) -> list[str]:
+    book = openpyxl.load_workbook(io.BytesIO(base64.b64decode(attachment["content_base64"])))
+    rows = list(book["Results"].iter_rows(values_only=True))
+    column = rows[0].index("Outcome")
+    return [str(r[column]) for r in rows[1:]]
+
+
+def table_counts(out: Path) -> list[int]:
+    """Rows in the app's elections, candidates and election-candidate links."""
+    with sqlite3.connect(out / "elevra.db") as conn:
+        return [
+            conn.execute(f"select count(*) from {t}").fetchone()[0]
+            for t in ("elevra_elections", "elevra_candidates", "elevra_election_links")
+        ]
+
+
+def test_retry_reruns_a_failed_batch_and_sends_a_new_workbook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [b.key for b in group_rows(read_rows(SAMPLE).rows, AppConfig().max_candidates_per_batch)]
+    broken = keys[0]
+    real_insert = pipeline.insert_batch
+
+    def insert_batch(*args: Any) -> Any:  # the database refuses one batch, the first time
+        if args[2].key == broken:
+            raise InsertError("simulated: the database refused the batch")
+        return real_insert(*args)
+
+    out = tmp_path / "upload"
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "insert_batch", insert_batch)
+        code, first, _ = cli(capsys, "run", str(SAMPLE), "--out", str(out), "--json", "--quiet")
+    assert first is not None and code == 1
+    assert (first["status"], first["batches_need_reupload"]) == ("completed_with_failures", 1)
+    run_id = first["run_id"]
+    code, _, err = cli(capsys, "status", run_id, "--out", str(out))
+    assert code == 0 and broken in err and "insert refused" in err
+
+    code, again, err = cli(capsys, "retry", run_id, broken, "--out", str(out), "--json")
+    assert code == 0, err
+    assert again is not None and again["status"] == "completed"
+    assert again["batches_completed"] == again["batches"] == len(keys)
+
+    # only the failed stage ran again: analyze and structure of that batch were kept
+    with sqlite3.connect(out / "elevra.db") as conn:
+        ran = conn.execute(
+            "select stage, count(*) from lbq_attempts where item_key = ? group by stage", (broken,)
+        ).fetchall()
+    assert dict(ran) == {"analyze": 1, "structure": 1, "insert": 2}
+
+    sent = emails(out)
+    finals = [e for e in sent if e["attachments"]]
+    assert [f["idempotency_key"] for f in finals] == [
+        f"{run_id}/run_finished/",
+        f"{run_id}/run_finished/@2",
+    ]
+    assert finals[0]["subject"].startswith("Upload completed with 1 batch(es) to re-upload")
+    assert finals[1]["subject"].startswith("Upload completed –")
+    assert "needs re-upload" in outcomes(finals[0]["attachments"][0])
+    assert "needs re-upload" not in outcomes(finals[1]["attachments"][0])
+    # round 2 reports the stage that ran again, not the ones that did not
+    stage_keys = {
+        e["idempotency_key"].removeprefix(f"{run_id}/stage_complete/")
+        for e in sent
+        if "/stage_complete/" in e["idempotency_key"]
+    }
+    assert stage_keys == {"analyze", "structure", "insert", "insert@2"}
+
+    # the election tables hold exactly what a clean upload of the same file creates
+    clean = tmp_path / "clean"
+    code, _, _ = cli(capsys, "run", str(SAMPLE), "--out", str(clean), "--json", "--quiet")
+    assert code == 0
+    assert table_counts(out) == table_counts(clean)
+
+
+def test_skip_then_dispatch_finishes_the_upload_and_retry_brings_the_batch_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open_app(AppConfig.from_env({}), tmp_path, None, simulate=False) as app:
+        run, _, batches = app.submit(SAMPLE)
+        keys = [i.key for i in app.store.items(run.id)]
+    target, other = keys[0], keys[1]
+    where = ("--out", str(tmp_path))
+
+    code, _, err = cli(capsys, "skip", run.id, target, "--reason", "wrong county", *where)
+    assert code == 0 and "marked for re-upload (skipped: wrong county)" in err
+    code, _, err = cli(capsys, "skip", run.id, target, "--reason", "again", *where)
+    assert code == 2 and err.startswith("error:") and "needs_reupload" in err
+    code, _, err = cli(capsys, "retry", run.id, "no such batch", *where)
+    assert code == 2 and "error:" in err and "'no such batch'" in err
+    code, _, err = cli(capsys, "retry", "no-such-upload", target, *where)
+    assert code == 2 and "error: no run 'no-such-upload'" in err
+
+    assert cli(capsys, "dispatch", *where, "--quiet")[0] == 0
+    code, summaries, _ = cli(capsys, "status", run.id, *where, "--json")
+    assert summaries is not None
+    (status,) = summaries
+    assert (status["status"], status["batches_need_reupload"]) == ("completed_with_failures", 1)
+    failed = [e for e in emails(tmp_path) if e["subject"].startswith("Batch needs re-upload")]
+    assert len(failed) == 1 and "Reason: skipped: wrong county" in failed[0]["text"]
+
+    code, _, err = cli(capsys, "retry", run.id, other, *where)
+    assert code == 2 and "is completed" in err
+    code, requeued, _ = cli(capsys, "retry", run.id, target, *where, "--no-dispatch", "--json")
+    assert code == 0 and requeued is not None and requeued["status"] == "running"
+    assert cli(capsys, "dispatch", *where, "--quiet")[0] == 0
+    code, summaries, _ = cli(capsys, "status", run.id, *where, "--json")
+    assert summaries is not None
+    (status,) = summaries
+    assert (status["status"], status["batches_completed"]) == ("completed", batches)
+    finals = [e for e in emails(tmp_path) if e["attachments"]]
+    assert len(finals) == 2
+    assert "needs re-upload" not in outcomes(finals[1]["attachments"][0])
