@@ -103,8 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (IngestError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyError as exc:  # an unknown upload or batch id
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
     except (ArgumentError, OperationalError) as exc:
-        print(f"error: cannot use the database {args.db!r}: {exc}", file=sys.stderr)
+        where = args.db or f"sqlite:///{args.out / 'elevra.db'}"
+        print(f"error: cannot use the database {where}: {exc}", file=sys.stderr)
         return 2
 
 

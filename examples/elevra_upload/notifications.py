@@ -61,8 +61,8 @@ class ElevraMail:
         if note.kind == "stage_complete":
             jobs = note.payload["jobs"]
             context["stage"] = {
-                "name": note.key,
-                "title": note.key.capitalize(),
+                "name": note.payload["stage"],
+                "title": str(note.payload["stage"]).capitalize(),
                 "succeeded": jobs.get("succeeded", 0),
                 "failed": jobs.get("failed", 0),
                 "cancelled": jobs.get("cancelled", 0),

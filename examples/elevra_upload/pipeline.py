@@ -57,7 +57,9 @@ class ElevraStages:
         return result.to_payload()
 
     async def workbook(self, ctx: StageContext) -> JSON:
-        path = self.out_dir / f"elevra-upload-{ctx.run.id}.xlsx"
+        # a retried upload gets a new workbook; the first one stays as it was sent
+        suffix = f"-round{ctx.run.round}" if ctx.run.round > 1 else ""
+        path = self.out_dir / f"elevra-upload-{ctx.run.id}{suffix}.xlsx"
         rows = await anyio.to_thread.run_sync(
             lambda: write_results_workbook(
                 ctx.items, path, self.config.app_url, ctx.run.meta.get("rejected", ())
