@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ from llm_batch_queue.limits import ModelLimits
 from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
 from llm_batch_queue.retry import RetryPolicy
-from llm_batch_queue.store import MemoryStore
+from llm_batch_queue.store import MemoryStore, Store
 from llm_batch_queue.store.milestones import KINDS
 
 pytestmark = pytest.mark.anyio
@@ -224,3 +225,61 @@ async def test_run_once_does_not_wait_for_backoffs() -> None:
     job = next(j for j in store.jobs(run_id) if j.stage == "analyze")
     assert job.status is JobStatus.READY and job.next_run_at > clock.now()
     assert clock.now() - start < 2.0  # returned instead of sleeping through the backoff
+
+
+async def test_our_own_day_limit_sends_work_to_the_fallback_instead_of_waiting() -> None:
+    adapter = ScriptedAdapter()
+    limits = {"pro": ModelLimits(rpd=2), "flash": ModelLimits(rpm=100)}
+    store, dispatcher, run_id, clock = setup(5, adapter, limits)
+    start = clock.now()
+    stats = await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    assert len(adapter.calls_to("pro")) == 2  # the day's budget, then never again
+    assert stats.fallbacks == 3 and stats.provider_429 == 0
+    assert clock.now() - start < 60  # nobody waited for the provider's midnight
+    assert store.model_state("pro", clock.now()).reason == "day"
+
+
+@pytest.mark.parametrize("sql", [False, True])
+async def test_a_dispatcher_runs_only_its_own_pipelines_jobs(sql: bool, tmp_path: Path) -> None:
+    from llm_batch_queue.store.sql import SQLStore
+
+    store: Store = SQLStore(f"sqlite:///{tmp_path / 'q.db'}") if sql else MemoryStore()
+    clock = FakeClock()
+    mine, other = make_pipeline(), Pipeline("other", make_pipeline().stages)
+    runs = {
+        p.name: store.create_run(
+            pipeline=p.name,
+            name=p.name,
+            stages=p.specs,
+            items=[NewItem("a", 1)],
+            meta={},
+            now=clock.now(),
+        )
+        for p in (mine, other)
+    }
+    dispatcher = Dispatcher(store, mine, ScriptedAdapter(), clock=clock)
+    await dispatcher.run_until_idle()
+    assert store.get_run(runs["test"].id).status is RunStatus.COMPLETED
+    assert store.get_run(runs["other"].id).status is RunStatus.RUNNING
+    assert {j.status for j in store.jobs(runs["other"].id)} == {JobStatus.READY, JobStatus.PENDING}
+
+
+async def test_run_until_idle_can_stop_when_one_run_has_finished() -> None:
+    adapter = ScriptedAdapter({"pro": [TransientError("503")]})
+    store, dispatcher, first, clock = setup(1, adapter)
+    pipeline = dispatcher.pipeline
+    second = store.create_run(
+        pipeline=pipeline.name,
+        name="later",
+        stages=pipeline.specs,
+        items=[NewItem("x", 1)],
+        meta={},
+        now=clock.now() + 3600,
+    )
+    # the second run's first job is only due in an hour: waiting for it is not our business
+    for job in store.jobs(second.id):
+        assert job.next_run_at >= clock.now() + 3600 or job.status is JobStatus.PENDING
+    await dispatcher.run_until_idle(run_id=first)
+    assert store.get_run(first).status is RunStatus.COMPLETED
+    assert store.get_run(second.id).status is RunStatus.RUNNING

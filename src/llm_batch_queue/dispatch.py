@@ -29,7 +29,7 @@ from llm_batch_queue.errors import (
     RequestTooLarge,
 )
 from llm_batch_queue.estimator import TokenEstimator
-from llm_batch_queue.jobs import JSON, AttemptResult, ClaimedJob, GiveUp, Lease, Retry
+from llm_batch_queue.jobs import JSON, AttemptResult, ClaimedJob, GiveUp, Lease, Retry, RunStatus
 from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.pipeline import ModelStage, Pipeline, StageContext, TaskStage
 from llm_batch_queue.retry import RetryPolicy, decide
@@ -117,13 +117,21 @@ class Dispatcher:
         deadline = None if time_budget_s is None else self.clock.now() + time_budget_s
         return await self._loop(deadline=deadline, max_jobs=max_jobs, wait_for_future=False)
 
-    async def run_until_idle(self, max_wait_s: float | None = None) -> DispatchStats:
+    async def run_until_idle(
+        self, max_wait_s: float | None = None, *, run_id: str | None = None
+    ) -> DispatchStats:
         """Run until no job is runnable or waiting, sleeping through backoffs and rate windows.
 
         With `max_wait_s`, return instead of sleeping longer than that for the next due job.
+        With `run_id`, return as soon as that run has finished (other runs' jobs may still be
+        queued: they are left to other dispatchers or a later call).
         """
         return await self._loop(
-            deadline=None, max_jobs=None, wait_for_future=True, max_wait_s=max_wait_s
+            deadline=None,
+            max_jobs=None,
+            wait_for_future=True,
+            max_wait_s=max_wait_s,
+            run_id=run_id,
         )
 
     async def run_forever(self, stop: anyio.Event) -> DispatchStats:
@@ -137,12 +145,18 @@ class Dispatcher:
         wait_for_future: bool,
         max_wait_s: float | None = None,
         stop: anyio.Event | None = None,
+        run_id: str | None = None,
     ) -> DispatchStats:
         started = 0
         async with anyio.create_task_group() as tg:
             while True:
                 if stop is not None and stop.is_set():
                     break
+                if run_id is not None and self._finished(run_id):
+                    if self._in_flight == 0:
+                        break
+                    await self._wait(None)  # claim nothing more; let in-flight jobs finish
+                    continue
                 now = self.clock.now()
                 budget_left = deadline is None or now < deadline
                 room = self.settings.concurrency - self._in_flight
@@ -156,6 +170,7 @@ class Dispatcher:
                         limit=room,
                         lease_s=self.settings.lease_s,
                         stages=self._claimable_stages(now),
+                        pipeline=self.pipeline.name,
                     )
                 for job in claimed:
                     started += 1
@@ -183,6 +198,9 @@ class Dispatcher:
         await self._drain_outbox()
         return self.stats
 
+    def _finished(self, run_id: str) -> bool:
+        return self.store.get_run(run_id).status is not RunStatus.RUNNING
+
     async def _wait(self, due: float | None) -> None:
         now = self.clock.now()
         timeout = self.settings.idle_poll_s
@@ -198,9 +216,9 @@ class Dispatcher:
     def _next_due(self, now: float) -> float | None:
         """The next moment a claim could succeed, counting local holds on stages."""
         stages = self._claimable_stages(now)
-        due = self.store.next_due(stages)
+        due = self.store.next_due(stages, self.pipeline.name)
         holds = [until for until in self._stage_hold.values() if until > now]
-        if holds and self.store.next_due() is not None:
+        if holds and self.store.next_due(None, self.pipeline.name) is not None:
             due = min(holds) if due is None else min(due, min(holds))
         return due
 
@@ -343,6 +361,13 @@ class Dispatcher:
             self._record_failure(
                 claimed, lease_box[0], stage.models, _permanent(str(exc)), now, model, 0
             )
+            return
+        if isinstance(booking, Deny) and booking.reason == "rpd":
+            # our own ledger says the day is spent: park the model as a provider 429 would,
+            # and let the chain's next model take the job now instead of waiting for midnight
+            self.store.block_model(model, booking.retry_at, "day")
+            self._emit(events.Deferred(job.id, stage.name, model, "rpd", booking.retry_at))
+            await self._run_model(stage, claimed, lease_box)
             return
         if isinstance(booking, Deny):
             self._defer(stage, claimed, lease_box[0], model, booking)

@@ -99,11 +99,17 @@ class Store(Protocol):
         limit: int,
         lease_s: float,
         stages: Collection[str] | None = None,
+        pipeline: str | None = None,
     ) -> list[ClaimedJob]:
-        """Take up to `limit` runnable jobs, reclaiming any whose lease has expired."""
+        """Take up to `limit` runnable jobs, reclaiming any whose lease has expired.
+
+        `stages` and `pipeline` restrict the claim to jobs this caller knows how to run.
+        """
         ...
 
-    def next_due(self, stages: Collection[str] | None = None) -> float | None:
+    def next_due(
+        self, stages: Collection[str] | None = None, pipeline: str | None = None
+    ) -> float | None:
         """When the earliest READY job (or expiring lease) becomes claimable; None if none."""
         ...
 

@@ -209,10 +209,17 @@ class MemoryStore:
             return copy.deepcopy(self._items[item.id])
 
     # claiming ----------------------------------------------------------------------------------
-    def _claimable(self, now: float, stages: Collection[str] | None) -> list[tuple[Job, bool]]:
+    def _wanted(self, job: Job, stages: Collection[str] | None, pipeline: str | None) -> bool:
+        return (stages is None or job.stage in stages) and (
+            pipeline is None or self._runs[job.run_id].pipeline == pipeline
+        )
+
+    def _claimable(
+        self, now: float, stages: Collection[str] | None, pipeline: str | None
+    ) -> list[tuple[Job, bool]]:
         found: list[tuple[Job, bool]] = []
         for job in self._jobs.values():
-            if stages is not None and job.stage not in stages:
+            if not self._wanted(job, stages, pipeline):
                 continue
             if job.status is JobStatus.READY and job.next_run_at <= now:
                 found.append((job, False))
@@ -229,10 +236,11 @@ class MemoryStore:
         limit: int,
         lease_s: float,
         stages: Collection[str] | None = None,
+        pipeline: str | None = None,
     ) -> list[ClaimedJob]:
         with self._lock:
             claimed: list[ClaimedJob] = []
-            for job, reclaimed in self._claimable(now, stages):
+            for job, reclaimed in self._claimable(now, stages, pipeline):
                 if len(claimed) >= limit:
                     break
                 # an expiry earlier in this loop may have cancelled this job: use its current state
@@ -277,13 +285,15 @@ class MemoryStore:
             self._after_settle(job, now)
         return job
 
-    def next_due(self, stages: Collection[str] | None = None) -> float | None:
+    def next_due(
+        self, stages: Collection[str] | None = None, pipeline: str | None = None
+    ) -> float | None:
         with self._lock:
             times = [
                 j.next_run_at if j.status is JobStatus.READY else self._leases[j.id].expires_at
                 for j in self._jobs.values()
                 if j.status in (JobStatus.READY, JobStatus.RUNNING)
-                and (stages is None or j.stage in stages)
+                and self._wanted(j, stages, pipeline)
             ]
             return min(times) if times else None
 

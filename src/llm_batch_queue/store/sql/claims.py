@@ -37,13 +37,14 @@ def claim(
     limit: int,
     lease_s: float,
     stages: Collection[str] | None,
+    pipeline: str | None = None,
 ) -> list[ClaimedJob]:
     claimed: list[ClaimedJob] = []
     # jobs this call has looked at or released itself: MemoryStore picks its candidates once,
     # so neither is claimed again in the same call
     seen: set[str] = set()
     while len(claimed) < limit:
-        rows = conn.execute(_candidates(now, stages, seen, limit - len(claimed))).all()
+        rows = conn.execute(_candidates(now, stages, pipeline, seen, limit - len(claimed))).all()
         if not rows:
             break
         for row in rows:
@@ -61,7 +62,9 @@ def claim(
     return claimed
 
 
-def _candidates(now: float, stages: Collection[str] | None, seen: set[str], n: int) -> Any:
+def _candidates(
+    now: float, stages: Collection[str] | None, pipeline: str | None, seen: set[str], n: int
+) -> Any:
     query = (
         select(jobs)
         .where(
@@ -76,6 +79,8 @@ def _candidates(now: float, stages: Collection[str] | None, seen: set[str], n: i
     )
     if stages is not None:
         query = query.where(jobs.c.stage.in_(list(stages)))
+    if pipeline is not None:
+        query = query.where(jobs.c.pipeline == pipeline)
     if seen:
         query = query.where(jobs.c.id.not_in(list(seen)))
     return query
@@ -214,7 +219,9 @@ def heartbeat(conn: Connection, lease: Lease, now: float, lease_s: float) -> Lea
     return renewed
 
 
-def next_due(conn: Connection, stages: Collection[str] | None) -> float | None:
+def next_due(
+    conn: Connection, stages: Collection[str] | None, pipeline: str | None = None
+) -> float | None:
     due = case(
         (jobs.c.status == JobStatus.READY.value, jobs.c.next_run_at),
         else_=jobs.c.lease_expires_at,
@@ -224,5 +231,7 @@ def next_due(conn: Connection, stages: Collection[str] | None) -> float | None:
     )
     if stages is not None:
         query = query.where(jobs.c.stage.in_(list(stages)))
+    if pipeline is not None:
+        query = query.where(jobs.c.pipeline == pipeline)
     value: float | None = conn.execute(query).scalar()
     return value

@@ -120,14 +120,13 @@ class SQLStore:
         spec = graph.RunSpec(dict(stages), frozenset(notify))
         item_rows = [_item_row(run_id, i, new) for i, new in enumerate(items)]
         job_rows = [
-            _job_row(run_id, row["id"], stage, now)
+            _job_row(run_id, pipeline, row["id"], stage, now)
             for row in item_rows
             for stage in stages.values()
             if stage.scope is Scope.ITEM
         ]
-        job_rows += [
-            _job_row(run_id, None, s, now) for s in stages.values() if s.scope is Scope.RUN
-        ]
+        run_stages = [s for s in stages.values() if s.scope is Scope.RUN]
+        job_rows += [_job_row(run_id, pipeline, None, s, now) for s in run_stages]
         for position, row in enumerate(job_rows):
             row["position"] = position
         with self._tx(write=True) as conn:
@@ -226,6 +225,7 @@ class SQLStore:
         limit: int,
         lease_s: float,
         stages: Collection[str] | None = None,
+        pipeline: str | None = None,
     ) -> list[ClaimedJob]:
         with self._tx(write=True) as conn:
             return claims.claim(
@@ -236,11 +236,14 @@ class SQLStore:
                 limit=limit,
                 lease_s=lease_s,
                 stages=stages,
+                pipeline=pipeline,
             )
 
-    def next_due(self, stages: Collection[str] | None = None) -> float | None:
+    def next_due(
+        self, stages: Collection[str] | None = None, pipeline: str | None = None
+    ) -> float | None:
         with self._tx() as conn:
-            return claims.next_due(conn, stages)
+            return claims.next_due(conn, stages, pipeline)
 
     def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease:
         with self._tx(write=True) as conn:
@@ -317,10 +320,13 @@ def _item_row(run_id: str, position: int, new: NewItem) -> dict[str, Any]:
     }
 
 
-def _job_row(run_id: str, item_id: str | None, spec: StageSpec, now: float) -> dict[str, Any]:
+def _job_row(
+    run_id: str, pipeline: str, item_id: str | None, spec: StageSpec, now: float
+) -> dict[str, Any]:
     return {
         "id": uuid.uuid4().hex,
         "run_id": run_id,
+        "pipeline": pipeline,
         "item_id": item_id,
         "scope_key": item_id or "",
         "stage": spec.name,

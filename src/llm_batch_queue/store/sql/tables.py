@@ -83,6 +83,8 @@ jobs = Table(
     # item id, or '' for run-scope jobs: NULLs never collide in a unique constraint
     Column("scope_key", Id, nullable=False),
     Column("position", Integer, nullable=False),
+    # the run's pipeline, copied so a dispatcher claims only jobs its pipeline can run
+    Column("pipeline", String(200), nullable=False),
     Column("stage", String(200), nullable=False),
     Column("status", String(32), nullable=False),
     Column("priority", Integer, nullable=False),

@@ -129,6 +129,7 @@ def upgrade() -> None:
         _id("item_id", nullable=True),
         _id("scope_key"),  # item id or '' (run scope): NULL would defeat the unique key
         sa.Column("position", sa.Integer(), nullable=False),
+        sa.Column("pipeline", sa.String(length=200), nullable=False),
         sa.Column("stage", sa.String(length=200), nullable=False),
         sa.Column("status", sa.String(length=32), nullable=False),
         sa.Column("priority", sa.Integer(), nullable=False),
