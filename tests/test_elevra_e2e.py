@@ -67,6 +67,12 @@ def test_sample_runs_end_to_end_and_a_rerun_adds_nothing(
     again = run_cli(capsys, str(SAMPLES / sample), "--out", str(tmp_path))
     assert again["exit_code"] == 0
     assert (again["elections"], again["candidates"]) == (first["elections"], first["candidates"])
+    # the re-upload matched every election and candidate: the tables did not grow
+    assert (again["db_elections"], again["db_candidates"]) == (
+        first["db_elections"],
+        first["db_candidates"],
+    )
+    assert first["db_elections"] == first["elections"]
     assert again["run_id"] != first["run_id"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, func, select
 
 from examples.elevra_upload import store as app_store
 from examples.elevra_upload.batches import group_rows
@@ -29,6 +29,7 @@ from llm_batch_queue.pipeline import Pipeline
 from llm_batch_queue.simulator import Simulator
 from llm_batch_queue.store.base import Store
 from llm_batch_queue.store.sql import open_store
+from llm_batch_queue.store.sql.engine import WRITE, make_engine
 
 
 @dataclass
@@ -82,8 +83,12 @@ class ElevraApp:
         time_budget_s: float | None = None,
         max_jobs: int | None = None,
         until_idle: bool = True,
+        run_id: str | None = None,
     ) -> DispatchStats:
-        """Drive every runnable job in the store (this run's and any left by earlier processes)."""
+        """Drive the runnable jobs in the store (this run's and any left by earlier processes).
+
+        With `run_id`, return once that run has finished rather than waiting for others.
+        """
         adapter = GeminiAdapter(
             api_key="simulated-key" if self.simulator else str(self.config.api_key),
             base_url=self.simulator.url if self.simulator else None,
@@ -114,7 +119,7 @@ class ElevraApp:
             # one event loop for the calls and the client's close: its connections belong to it
             try:
                 if until_idle and time_budget_s is None and max_jobs is None:
-                    return await dispatcher.run_until_idle()
+                    return await dispatcher.run_until_idle(run_id=run_id)
                 return await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
             finally:
                 await adapter.aclose()
@@ -129,9 +134,11 @@ class ElevraApp:
         workbook = next(
             (j.output["path"] for j in jobs if j.stage == "workbook" and j.output), None
         )
+        items = self.store.items(run_id)
+        inserted = [i.outputs["insert"] for i in items if i.outputs.get("insert")]
         with self.engine.connect() as conn:
-            elections = conn.scalar(select(func.count()).select_from(app_store.elections))
-            candidates = conn.scalar(select(func.count()).select_from(app_store.candidates))
+            db_elections = conn.scalar(select(func.count()).select_from(app_store.elections))
+            db_candidates = conn.scalar(select(func.count()).select_from(app_store.candidates))
         return {
             "run_id": run_id,
             "file": run.name,
@@ -141,8 +148,12 @@ class ElevraApp:
             "batches": counts.items_total,
             "batches_completed": counts.items_by_status.get("completed", 0),
             "batches_need_reupload": counts.items_by_status.get("needs_reupload", 0),
-            "elections": elections,
-            "candidates": candidates,
+            # this upload's elections and distinct candidates, inserted or already present
+            "elections": len({r["election_id"] for r in inserted}),
+            "candidates": len({c["slug"] for r in inserted for c in r["candidates"]}),
+            # what the app's tables hold in all (a re-upload leaves these unchanged)
+            "db_elections": db_elections,
+            "db_candidates": db_candidates,
             "jobs": len(jobs),
             "attempts": len(attempts),
             "fallbacks": sum(1 for a in attempts if a.result.is_fallback),
@@ -161,8 +172,10 @@ def open_app(
 ) -> Iterator[ElevraApp]:
     out.mkdir(parents=True, exist_ok=True)
     url = db_url or f"sqlite:///{out / 'elevra.db'}"
-    engine = create_engine(url)
     store = open_store(url)
+    # the app's tables share the database; on SQLite its inserts must take the write lock up
+    # front (BEGIN IMMEDIATE) like the queue's own transactions, or they can deadlock with them
+    engine = make_engine(url, execution_options={WRITE: True})
     simulator: Simulator | None = None
     try:
         app_store.create_tables(engine)

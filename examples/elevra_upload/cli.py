@@ -140,7 +140,8 @@ def _run(app: ElevraApp, args: argparse.Namespace) -> int:
             f"offline: simulated Gemini at {app.simulator.url} (answers derive from the rows; "
             "no research is performed)"
         )
-    app.dispatch(on_event=log.on_event)
+    app.dispatch(on_event=log.on_event, run_id=run.id)
+    log.flush()
     summary = app.summary(run.id, time.monotonic() - started)
     log.say(_human(summary))
     if args.json:
@@ -247,7 +248,11 @@ class _Progress:
         now = time.monotonic()
         if now - self.last >= 1.0:
             self.last = now
-            stages = " · ".join(f"{k} {v}" for k, v in self.done.items())
+            self.flush()
+
+    def flush(self) -> None:
+        if self.done or self.failed or self.deferred:
+            stages = " · ".join(f"{k} {v}" for k, v in self.done.items()) or "nothing yet"
             self.say(f"  done: {stages} | failed attempts {self.failed} | waits {self.deferred}")
 
 
@@ -256,7 +261,8 @@ def _human(s: dict[str, Any]) -> str:
         f"run {s['run_id']} {s['status']} in {s['elapsed_s']} s: "
         f"{s['batches_completed']}/{s['batches']} batches completed, "
         f"{s['batches_need_reupload']} need re-upload; {s['elections']} elections and "
-        f"{s['candidates']} candidates in the database; {s['attempts']} model/stage attempts, "
+        f"{s['candidates']} candidates (the database holds {s['db_elections']} and "
+        f"{s['db_candidates']}); {s['attempts']} model/stage attempts, "
         f"{s['fallbacks']} on a fallback model, {s['provider_429']} provider 429s; "
         f"workbook {s['workbook']}; {s['emails']} e-mails logged"
     )

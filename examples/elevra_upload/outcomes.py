@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ def result_rows(
         batch = Batch.from_payload(item.payload)
         inserted = item.outputs.get("insert")
         if item.status is ItemStatus.COMPLETED and inserted:
-            rows += rows_for_batch(batch, InsertResult.from_payload(inserted))
+            found = rows_for_batch(batch, InsertResult.from_payload(inserted))
         else:
-            rows += rows_for_batch(batch, None, item.error or f"batch is {item.status.value}")
+            found = rows_for_batch(batch, None, item.error or f"batch is {item.status.value}")
+        # listings like the NC one name no municipality column: show the election's city
+        rows += [r if r.municipality else replace(r, municipality=batch.city) for r in found]
     refused = [RejectedRow(r["row_number"], r["reason"], dict(r["values"]), {}) for r in rejected]
     return rows + rows_for_rejected(refused)
 

@@ -17,6 +17,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from llm_batch_queue.errors import ConfigError
+
 WRITE = "lbq_write"  # execution option: this transaction writes (BEGIN IMMEDIATE on SQLite)
 BUSY_TIMEOUT_S = 30.0
 
@@ -36,7 +38,13 @@ def make_engine(url_or_path: str | Path, **kwargs: Any) -> Engine:
     url = make_url(to_url(url_or_path))
     if url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kwargs)
+        try:
+            return create_engine(url, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                f"the database URL {url.render_as_string(hide_password=True)} needs the driver"
+                f" {exc.name!r}: pip install 'llm-batch-queue[postgres]'"
+            ) from None
     database = url.database or ""
     if database in ("", ":memory:"):
         # one shared connection, or every checkout would see a new empty database
