@@ -31,6 +31,7 @@ class GeminiAdapter:
         timeout_ms: int = 120_000,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        self._endpoint = base_url or "the Gemini API"
         self._client = genai.Client(
             api_key=api_key,
             http_options=types.HttpOptions(
@@ -57,7 +58,7 @@ class GeminiAdapter:
                 model=request.model, contents=request.prompt, config=config
             )
         except (genai_errors.APIError, httpx2.TransportError, TimeoutError) as exc:
-            raise _classified(exc) from exc
+            raise _classified(exc, self._endpoint) from exc
 
         feedback = response.prompt_feedback
         if feedback is not None and feedback.block_reason is not None:
@@ -96,7 +97,7 @@ class GeminiAdapter:
                 contents=contents,
             )
         except (genai_errors.APIError, httpx2.TransportError, TimeoutError) as exc:
-            raise _classified(exc) from exc
+            raise _classified(exc, self._endpoint) from exc
         return counted.total_tokens
 
     async def aclose(self) -> None:
@@ -104,11 +105,12 @@ class GeminiAdapter:
         self._client.close()
 
 
-def _classified(exc: Exception) -> CallError:
+def _classified(exc: Exception, endpoint: str) -> CallError:
     if isinstance(exc, genai_errors.APIError):
         return error_from_status(exc.code, exc.message, exc.details)
     # httpx2.TimeoutException is a TransportError; builtin TimeoutError is the aiohttp path's.
-    return TransientError(f"{type(exc).__name__}: {exc}")
+    # Name the endpoint: "connection refused" alone does not say which server to look at.
+    return TransientError(f"{type(exc).__name__} calling {endpoint}: {exc}")
 
 
 def _name(value: Enum | str | None) -> str | None:
