@@ -79,18 +79,24 @@ Verdict = Admit | Deny
 
 
 def admit(limits: ModelLimits, usage: Usage, tokens: int, now: float) -> Verdict:
-    """Would one more request of `tokens` input tokens keep every window within its limit?"""
+    """Would one more request of `tokens` input tokens keep every window within its limit?
+
+    A denial's `retry_at` is the earliest time the request would be admitted if nothing else
+    changed: every limit is checked and the latest wait wins (a cool-down that ends before the
+    window frees up, or on a spent day, must not send the caller back too early). On a tie the
+    spent day is named, so the caller can fall back at once.
+    """
     if limits.tpm is not None and tokens > limits.tpm:
         raise RequestTooLarge(
             f"request needs {tokens} input tokens but the model allows {limits.tpm} per minute;"
             " it can never be admitted — split the input"
         )
-    if usage.blocked_until > now:
-        return Deny(usage.blocked_until, "cooldown")
-    if limits.rpd is not None and usage.day_requests + 1 > limits.rpd:
-        return Deny(next_day_start(now, limits.day_tz), "rpd")
-    window = sorted((e for e in usage.window if e.at > now - limits.span_s), key=lambda e: e.at)
     waits: list[Deny] = []
+    if limits.rpd is not None and usage.day_requests + 1 > limits.rpd:
+        waits.append(Deny(next_day_start(now, limits.day_tz), "rpd"))
+    if usage.blocked_until > now:
+        waits.append(Deny(usage.blocked_until, "cooldown"))
+    window = sorted((e for e in usage.window if e.at > now - limits.span_s), key=lambda e: e.at)
     if limits.rpm is not None and len(window) + 1 > limits.rpm:
         # the request that frees a slot is the (len - rpm + 1)-th oldest
         oldest = window[len(window) - limits.rpm]
