@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from llm_batch_queue.errors import ConfigError, RequestTooLarge
@@ -119,15 +119,25 @@ def admit(limits: ModelLimits, usage: Usage, tokens: int, now: float) -> Verdict
 
 def day_start(now: float, tz: str) -> float:
     """Epoch seconds of the provider's current day start (DST-aware)."""
-    local = datetime.fromtimestamp(now, ZoneInfo(tz))
-    return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    zone = ZoneInfo(tz)
+    return _midnight(_provider_date(now, zone), zone)
 
 
 def next_day_start(now: float, tz: str) -> float:
     zone = ZoneInfo(tz)
-    local = datetime.fromtimestamp(now, zone)
-    tomorrow = (local + timedelta(days=1)).date()
-    return datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=zone).timestamp()
+    return _midnight(_provider_date(now, zone) + timedelta(days=1), zone)
+
+
+def _midnight(day: date, zone: ZoneInfo) -> float:
+    """The first instant of `day`: fold=0 takes a repeated midnight's first occurrence, and a
+    midnight skipped by DST maps to the instant the clocks jump."""
+    return datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+
+
+def _provider_date(now: float, zone: ZoneInfo) -> date:
+    today = datetime.fromtimestamp(now, zone).date()
+    # fromtimestamp rounds to the microsecond, carrying a day's last instant into the next day
+    return today if _midnight(today, zone) <= now else today - timedelta(days=1)
 
 
 def estimate_tokens(text: str, ratio: float = 0.25) -> int:
