@@ -933,6 +933,24 @@ class StoreContract:
         with pytest.raises(KeyError):
             store.mark_notification(10**9, sent=True, now=T0)
 
+    def test_claimed_notifications_are_hidden_from_other_senders(self, store: Store) -> None:
+        """Two dispatchers draining one outbox never get the same row (D-26)."""
+
+        specs = {"a": StageSpec("a", Scope.ITEM)}
+        run = store.create_run(
+            pipeline="p",
+            name="n",
+            stages=specs,
+            items=[NewItem("x", 1)],
+            meta={},
+            now=100.0,
+            notify=KINDS,
+        )
+        first = store.claim_notifications(100.0, hold_s=60.0)
+        assert [n.kind for n in first] == ["run_queued"]
+        assert store.claim_notifications(100.0) == []  # taken: invisible to a second sender
+        assert [n.run_id for n in store.claim_notifications(161.0)] == [run.id]  # sender died
+
 
 def drain_item(store: Store, key: str, now: float = T0) -> None:
     """Finish every job of one item."""

@@ -39,7 +39,8 @@ class OutboxDelivery:
 
     async def drain(self) -> int:
         sent = 0
-        for note in self.store.pending_notifications(self.clock.now()):
+        # claimed, not just read: two dispatchers sharing a store must not both send a row
+        for note in self.store.claim_notifications(self.clock.now()):
             try:
                 message = await self.compose(note)
                 if message is not None:

@@ -145,6 +145,12 @@ class Store(Protocol):
     # outbox ---------------------------------------------------------------------------------------
     def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]: ...
 
+    def claim_notifications(
+        self, now: float, limit: int = 50, hold_s: float = 300.0
+    ) -> list[Notification]:
+        """Take due rows for sending; other callers see them again only after `hold_s`."""
+        ...
+
     def mark_notification(
         self,
         notification_id: int,

@@ -515,6 +515,15 @@ class MemoryStore:
             ]
             return sorted(due, key=lambda n: n.id)[:limit]
 
+    def claim_notifications(
+        self, now: float, limit: int = 50, hold_s: float = 300.0
+    ) -> list[Notification]:
+        with self._lock:
+            claimed = self.pending_notifications(now, limit)
+            for n in claimed:
+                self._outbox[n.id] = replace(n, next_attempt_at=now + hold_s)
+            return claimed
+
     def mark_notification(
         self,
         notification_id: int,

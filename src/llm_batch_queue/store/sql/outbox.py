@@ -44,6 +44,26 @@ def pending(conn: Connection, now: float, limit: int) -> list[Notification]:
     return [to_notification(r) for r in rows]
 
 
+def claim(conn: Connection, now: float, limit: int, hold_s: float) -> list[Notification]:
+    """Take due rows for sending: pushing next_attempt_at past `hold_s` in the same transaction
+    hides them from other dispatchers (SKIP LOCKED on PostgreSQL; SQLite writes one at a time).
+    A sender that dies before marking its row lets it come due again after `hold_s`."""
+    rows = conn.execute(
+        select(outbox)
+        .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now)
+        .order_by(outbox.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if rows:
+        conn.execute(
+            update(outbox)
+            .where(outbox.c.id.in_([r.id for r in rows]))
+            .values(next_attempt_at=now + hold_s)
+        )
+    return [to_notification(r) for r in rows]
+
+
 def mark(
     conn: Connection,
     notification_id: int,

@@ -285,6 +285,12 @@ class SQLStore:
         with self._tx() as conn:
             return outbox.pending(conn, now, limit)
 
+    def claim_notifications(
+        self, now: float, limit: int = 50, hold_s: float = 300.0
+    ) -> list[Notification]:
+        with self._tx(write=True) as conn:
+            return outbox.claim(conn, now, limit, hold_s)
+
     def mark_notification(
         self,
         notification_id: int,
