@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 
+from llm_batch_queue.adapters.base import ModelRequest, ModelResponse
 from llm_batch_queue.adapters.scripted import ScriptedAdapter
 from llm_batch_queue.clock import FakeClock
 from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings
@@ -18,7 +20,7 @@ from llm_batch_queue.errors import (
     RateLimited,
     TransientError,
 )
-from llm_batch_queue.jobs import ItemStatus, JobStatus, NewItem, RunStatus, Scope
+from llm_batch_queue.jobs import ItemStatus, JobStatus, Lease, NewItem, RunStatus, Scope
 from llm_batch_queue.limits import ModelLimits
 from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
@@ -283,3 +285,81 @@ async def test_run_until_idle_can_stop_when_one_run_has_finished() -> None:
     await dispatcher.run_until_idle(run_id=first)
     assert store.get_run(first).status is RunStatus.COMPLETED
     assert store.get_run(second.id).status is RunStatus.RUNNING
+
+
+class BrokenAdapter(ScriptedAdapter):
+    """Breaks the adapter contract: raises something that is not a CallError."""
+
+    async def generate(self, request: ModelRequest) -> ModelResponse:
+        raise ValueError("adapter bug")
+
+
+async def test_an_adapter_that_breaks_its_contract_fails_the_job_not_the_dispatcher() -> None:
+    store, dispatcher, run_id, _ = setup(2, BrokenAdapter(), max_attempts=2)
+    stats = await dispatcher.run_until_idle()
+    assert stats.gave_up == 2
+    errors = {i.error for i in store.items(run_id)}
+    assert errors == {
+        "analyze: gave up after 2 attempts: adapter for pro failed: ValueError: adapter bug"
+    }
+
+
+async def test_a_lost_lease_is_counted_and_the_dispatcher_carries_on() -> None:
+    store, dispatcher, run_id, clock = setup(1, ScriptedAdapter())
+    original = store.complete
+
+    def steal_then_complete(lease: Lease, *args: object) -> None:
+        store.skip_item(run_id, "b0", "taken away", clock.now())  # the lease is gone now
+        original(lease, *args)  # type: ignore[arg-type]
+
+    store.complete = steal_then_complete  # type: ignore[method-assign]
+    stats = await dispatcher.run_until_idle()
+    assert stats.leases_lost == 1
+    assert store.items(run_id)[0].error == "skipped: taken away"
+
+
+async def test_a_hung_task_times_out_and_is_retried_as_transient() -> None:
+    clock = FakeClock()
+    store = MemoryStore()
+
+    async def hang(ctx: StageContext) -> None:
+        await anyio.sleep_forever()
+
+    pipeline = Pipeline("hang", (TaskStage("t", hang, max_attempts=1),))
+    run = store.create_run(
+        pipeline="hang",
+        name="n",
+        stages=pipeline.specs,
+        items=[NewItem("a", 1)],
+        meta={},
+        now=clock.now(),
+    )
+    dispatcher = Dispatcher(
+        store, pipeline, clock=clock, settings=DispatcherSettings(job_timeout_s=0.2)
+    )
+    await dispatcher.run_until_idle()
+    assert (
+        store.items(run.id)[0].error
+        == "t: gave up after 1 attempts: stage did not finish within 0.2 s"
+    )
+
+
+async def test_stopping_the_dispatcher_hands_in_flight_jobs_back() -> None:
+    store = MemoryStore()
+    started = anyio.Event()
+
+    async def slow(ctx: StageContext) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    pipeline = Pipeline("slow", (TaskStage("t", slow),))
+    run = store.create_run(
+        pipeline="slow", name="n", stages=pipeline.specs, items=[NewItem("a", 1)], meta={}, now=0.0
+    )
+    dispatcher = Dispatcher(store, pipeline)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dispatcher.run_until_idle)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    (job,) = store.jobs(run.id)
+    assert job.status is JobStatus.READY and job.last_error == "dispatcher stopped"

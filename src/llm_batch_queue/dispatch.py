@@ -6,6 +6,8 @@ process or many, can share a Store: claims, leases and rate bookings are the Sto
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import random
 import socket
@@ -27,6 +29,7 @@ from llm_batch_queue.errors import (
     PermanentError,
     RateLimited,
     RequestTooLarge,
+    TransientError,
 )
 from llm_batch_queue.estimator import TokenEstimator
 from llm_batch_queue.jobs import JSON, AttemptResult, ClaimedJob, GiveUp, Lease, Retry, RunStatus
@@ -54,6 +57,10 @@ class DispatcherSettings:
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
     idle_poll_s: float = 1.0
+    job_timeout_s: float = 900.0  # a stage (model call or task) running longer is failed
+    # reserve what the adapter's count_tokens says (one more request per new prompt, cached)
+    # instead of a length-based estimate; falls back to the estimate when it answers None/fails
+    count_tokens: bool = False
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
@@ -63,6 +70,8 @@ class DispatcherSettings:
             raise ConfigError("concurrency must be at least 1")
         if not 0 < self.heartbeat_s < self.lease_s:
             raise ConfigError("heartbeat_s must be positive and shorter than lease_s")
+        if not self.job_timeout_s > 0:
+            raise ConfigError("job_timeout_s must be positive")
 
 
 @dataclass(slots=True)
@@ -75,6 +84,7 @@ class DispatchStats:
     provider_429: int = 0
     fallbacks: int = 0
     leases_lost: int = 0
+    store_errors: int = 0  # failures that could not even be recorded (the store was down)
 
 
 class Dispatcher:
@@ -104,7 +114,9 @@ class Dispatcher:
         self._outbox = outbox
         self._rng = rng or random.Random()
         self._estimator = TokenEstimator()
-        self._stage_hold: dict[str, float] = {}  # local hint: no quota for this stage until
+        # local hint: no quota for this stage until (time, the denial's reason)
+        self._stage_hold: dict[str, tuple[float, str]] = {}
+        self._counted: dict[tuple[str, bytes], int] = {}  # count_tokens answers, by prompt
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._wake = anyio.Event()
@@ -217,13 +229,13 @@ class Dispatcher:
         """The next moment a claim could succeed, counting local holds on stages."""
         stages = self._claimable_stages(now)
         due = self.store.next_due(stages, self.pipeline.name)
-        holds = [until for until in self._stage_hold.values() if until > now]
+        holds = [until for until, _ in self._stage_hold.values() if until > now]
         if holds and self.store.next_due(None, self.pipeline.name) is not None:
             due = min(holds) if due is None else min(due, min(holds))
         return due
 
     def _claimable_stages(self, now: float) -> list[str] | None:
-        held = {s for s, until in self._stage_hold.items() if until > now}
+        held = {s for s, (until, _) in self._stage_hold.items() if until > now}
         if not held:
             return None
         return [s.name for s in self.pipeline.stages if s.name not in held]
@@ -248,18 +260,61 @@ class Dispatcher:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, lease_box, tg.cancel_scope)
-                stage = self.pipeline.stage(job.stage)
-                if isinstance(stage, TaskStage):
-                    await self._run_task(stage, claimed, lease_box)
-                else:
-                    await self._run_model(stage, claimed, lease_box)
-                tg.cancel_scope.cancel()
-        except LeaseLost:
-            self.stats.leases_lost += 1
-            self._emit(events.LeaseLost(job.id, job.stage))
+                # every exception is handled in here: one job's trouble (a lost lease, a store
+                # error, a bug) must never escape the task group and take the dispatcher down
+                try:
+                    await self._run_stage(claimed, lease_box)
+                except LeaseLost:
+                    self.stats.leases_lost += 1
+                    self._emit(events.LeaseLost(job.id, job.stage))
+                except Exception as exc:
+                    self._crashed(claimed, lease_box[0], exc)
+                finally:
+                    tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            # the dispatcher is stopping: hand the job back now rather than after the lease
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                self.store.release(
+                    lease_box[0], self.clock.now(), "dispatcher stopped", self.clock.now()
+                )
+            raise
         finally:
             self._in_flight -= 1
             self._wake.set()
+
+    async def _run_stage(self, claimed: ClaimedJob, lease_box: list[Lease]) -> None:
+        stage = self.pipeline.stage(claimed.job.stage)
+        with anyio.fail_after(self.settings.job_timeout_s):
+            if isinstance(stage, TaskStage):
+                await self._run_task(stage, claimed, lease_box)
+            else:
+                await self._run_model(stage, claimed, lease_box)
+
+    def _crashed(self, claimed: ClaimedJob, lease: Lease, exc: Exception) -> None:
+        """Record an unexpected error as this job's failed attempt; if even that fails (the
+        store is down), leave the job to be taken over when its lease expires."""
+        if isinstance(exc, TimeoutError):
+            error: CallError = TransientError(
+                f"stage did not finish within {self.settings.job_timeout_s:g} s"
+            )
+        else:
+            error = HandlerError(f"{type(exc).__name__}: {exc}")
+        try:
+            stage = self.pipeline.stage(claimed.job.stage)
+            models = stage.models if isinstance(stage, ModelStage) else ()
+            model = models[claimed.job.model_index] if models else None
+            self._record_failure(claimed, lease, models, error, self.clock.now(), model, 0)
+        except LeaseLost:
+            self.stats.leases_lost += 1
+        except Exception as again:
+            self.stats.store_errors += 1
+            self._emit(
+                events.JobCrashed(
+                    claimed.job.id,
+                    claimed.job.stage,
+                    f"{error.message}; recording it failed: {again}",
+                )
+            )
 
     async def _heartbeat(self, lease_box: list[Lease], scope: anyio.CancelScope) -> None:
         while True:
@@ -354,7 +409,9 @@ class Dispatcher:
             max_output_tokens=stage.max_output_tokens,
         )
         text_for_estimate = (prompt.system or "") + prompt.text
-        tokens = self._estimator.estimate(model, text_for_estimate)
+        counted = await self._count_tokens(request, text_for_estimate)
+        tokens = self._estimator.estimate(model, text_for_estimate, counted=counted)
+        now = self.clock.now()  # book as late as possible: the provider counts the call's arrival
         try:
             booking = self.store.reserve(model, self._limits(model), tokens, now)
         except RequestTooLarge as exc:
@@ -380,9 +437,42 @@ class Dispatcher:
             self.store.reconcile(booking, tokens)
             self._record_failure(claimed, lease_box[0], stage.models, exc, started, model, tokens)
             return
+        except (TypeError, ValueError, AttributeError) as exc:  # an adapter broke its contract
+            self.store.reconcile(booking, tokens)
+            bad = HandlerError(f"adapter for {model} failed: {type(exc).__name__}: {exc}")
+            self._record_failure(claimed, lease_box[0], stage.models, bad, started, model, tokens)
+            return
         self._succeed(
-            stage, claimed, lease_box[0], booking, response, output, started, text_for_estimate
+            stage,
+            claimed,
+            lease_box[0],
+            booking,
+            response,
+            output,
+            started,
+            text_for_estimate,
+            counted,
         )
+
+    async def _count_tokens(self, request: ModelRequest, text: str) -> int | None:
+        """The provider's count of the request's input tokens, if asked for and available.
+
+        Cached per prompt, so a job deferred for quota and claimed again is not counted twice.
+        """
+        if not self.settings.count_tokens:
+            return None
+        key = (request.model, hashlib.blake2b(text.encode(), digest_size=16).digest())
+        if key in self._counted:
+            return self._counted[key]
+        try:
+            counted = await self._adapters[request.model].count_tokens(request)
+        except CallError:
+            return None  # reserve the estimate; the call itself will tell what is wrong
+        if counted is not None:
+            if len(self._counted) >= _COUNT_CACHE_SIZE:
+                del self._counted[next(iter(self._counted))]
+            self._counted[key] = counted
+        return counted
 
     def _succeed(
         self,
@@ -394,10 +484,13 @@ class Dispatcher:
         output: JSON,
         started: float,
         prompt_text: str,
+        counted: int | None,
     ) -> None:
         usage = response.usage
         self.store.reconcile(booking, usage.input_tokens)
-        self._estimator.observe(booking.model, prompt_text, usage.input_tokens)
+        self._estimator.observe(booking.model, prompt_text, usage.input_tokens, counted=counted)
+        if usage.input_tokens < booking.tokens:
+            self._refunded(booking.model)
         self._429_streak[booking.model] = 0
         is_fallback = claimed.job.model_index > 0
         now = self.clock.now()
@@ -450,11 +543,21 @@ class Dispatcher:
             now,
         )
         if claimed.job.model_index == 0:
-            self._stage_hold[stage.name] = denial.retry_at
+            # the earliest of the denials: a smaller request may fit before a larger one
+            until, _ = self._stage_hold.get(stage.name, (0.0, ""))
+            if until <= now or denial.retry_at < until:
+                self._stage_hold[stage.name] = (denial.retry_at, denial.reason)
         self.stats.deferred += 1
         self._emit(
             events.Deferred(claimed.job.id, stage.name, model, denial.reason, denial.retry_at)
         )
+
+    def _refunded(self, model: str) -> None:
+        """A call used fewer tokens than it reserved: a stage held for TPM may fit now."""
+        for stage in self.pipeline.stages:
+            hold = self._stage_hold.get(stage.name)
+            if hold is not None and hold[1] == "tpm" and model in getattr(stage, "models", ()):
+                del self._stage_hold[stage.name]
 
     def _record_failure(
         self,
@@ -532,6 +635,7 @@ class Dispatcher:
 
 
 _UNLIMITED = ModelLimits()
+_COUNT_CACHE_SIZE = 10_000
 
 
 def _permanent(message: str) -> CallError:

@@ -64,5 +64,14 @@ class LeaseLost:
     stage: str
 
 
-Event = JobClaimed | CallSucceeded | CallFailed | FellBack | Deferred | LeaseLost
+@dataclass(frozen=True, slots=True)
+class JobCrashed:
+    """An unexpected error that could not be recorded; the job waits for its lease to expire."""
+
+    job_id: str
+    stage: str
+    message: str
+
+
+Event = JobClaimed | CallSucceeded | CallFailed | FellBack | Deferred | LeaseLost | JobCrashed
 EventSink = Callable[[Event], None]
