@@ -55,3 +55,9 @@ def test_cooldown_and_in_flight() -> None:
 def test_bad_limits_are_rejected_with_the_field_named(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         ModelLimits(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [1.5, True, float("nan"), "10"])
+def test_limits_must_be_whole_numbers(value: object) -> None:
+    with pytest.raises(ConfigError, match="rpm must be a positive integer"):
+        ModelLimits(rpm=value)  # type: ignore[arg-type]

@@ -103,3 +103,8 @@ def test_run_stages_wait_for_every_item() -> None:
     assert transitions.run_step(specs, {"w": P, "n": P}, items_settled=False).ready == ()
     assert transitions.run_step(specs, {"w": P, "n": P}, items_settled=True).ready == ("w",)
     assert transitions.run_step(specs, {"w": OK, "n": P}, items_settled=True).ready == ("n",)
+
+
+def test_a_model_name_string_is_not_mistaken_for_a_chain() -> None:
+    with pytest.raises(ConfigError, match="tuple of names"):
+        Pipeline("p", (ModelStage("a", "gemini-2.5-flash", prompt),))  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any
 
 import anyio
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from examples.elevra_upload import store as app_store
 from examples.elevra_upload.batches import group_rows
@@ -44,6 +46,8 @@ class ElevraApp:
 
     def submit(self, path: Path) -> tuple[Run, IngestResult, int]:
         """Read, batch and enqueue a spreadsheet; nothing is enqueued if the file is unusable."""
+        if path.is_dir():
+            raise IngestError(f"{path} is a directory, not a spreadsheet")
         if not path.is_file():
             raise IngestError(f"{path}: no such file")
         ingest = read_rows(path)
@@ -115,16 +119,36 @@ class ElevraApp:
             outbox=outbox,
         )
 
-        async def drive() -> DispatchStats:
+        stopped = False
+
+        async def drive() -> None:
+            nonlocal stopped
             # one event loop for the calls and the client's close: its connections belong to it
             try:
-                if until_idle and time_budget_s is None and max_jobs is None:
-                    return await dispatcher.run_until_idle(run_id=run_id)
-                return await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stop_on_signal, tg.cancel_scope)
+                    if until_idle and time_budget_s is None and max_jobs is None:
+                        await dispatcher.run_until_idle(run_id=run_id)
+                    else:
+                        await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+                    tg.cancel_scope.cancel()
             finally:
                 await adapter.aclose()
 
-        return anyio.run(drive)
+        async def stop_on_signal(scope: anyio.CancelScope) -> None:
+            # Ctrl-C or a supervisor's SIGTERM cancels at the next await, never halfway through
+            # a store transaction; the dispatcher then hands its in-flight jobs back
+            nonlocal stopped
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    stopped = True
+                    scope.cancel()
+                    return
+
+        anyio.run(drive)
+        if stopped:
+            raise KeyboardInterrupt
+        return dispatcher.stats
 
     def summary(self, run_id: str, elapsed_s: float | None = None) -> dict[str, Any]:
         run = self.store.get_run(run_id)
@@ -135,6 +159,7 @@ class ElevraApp:
             (j.output["path"] for j in jobs if j.stage == "workbook" and j.output), None
         )
         items = self.store.items(run_id)
+        notes = self.store.notifications(run_id)
         inserted = [i.outputs["insert"] for i in items if i.outputs.get("insert")]
         with self.engine.connect() as conn:
             db_elections = conn.scalar(select(func.count()).select_from(app_store.elections))
@@ -161,7 +186,13 @@ class ElevraApp:
             "input_tokens": sum(a.result.input_tokens for a in attempts),
             "output_tokens": sum(a.result.output_tokens for a in attempts),
             "workbook": workbook,
-            "emails": sum(1 for n in self.store.notifications(run_id) if n.status == "sent"),
+            "emails": sum(1 for n in notes if n.status == "sent"),
+            # not delivered (yet): the next dispatch retries pending ones; failed ones gave up
+            "emails_undelivered": [
+                {"kind": n.kind, "status": n.status, "error": n.error}
+                for n in notes
+                if n.status != "sent"
+            ],
             "elapsed_s": None if elapsed_s is None else round(elapsed_s, 2),
         }
 
@@ -178,7 +209,11 @@ def open_app(
     engine = make_engine(url, execution_options={WRITE: True})
     simulator: Simulator | None = None
     try:
-        app_store.create_tables(engine)
+        try:
+            app_store.create_tables(engine)
+        except (IntegrityError, ProgrammingError):
+            # another process created them at the same moment (PostgreSQL): they exist now
+            app_store.create_tables(engine)
         pipeline = build_pipeline(config, engine, out)
         if simulate:
             simulator = start_simulator(config.limits, pipeline.model_names)

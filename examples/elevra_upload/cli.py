@@ -103,6 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (IngestError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: jobs in flight were handed back; finish with "
+            f"`python -m examples.elevra_upload dispatch --out {args.out}"
+            + (f" --db {args.db}`" if args.db else "`"),
+            file=sys.stderr,
+        )
+        return 130
     except KeyError as exc:  # an unknown upload or batch id
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
@@ -146,7 +154,11 @@ def _run(app: ElevraApp, args: argparse.Namespace) -> int:
     log.say(_human(summary))
     if args.json:
         print(json.dumps(summary))
-    return 0 if summary["batches_completed"] == summary["batches"] else 1
+    for note in summary["emails_undelivered"]:
+        log.say(f"  e-mail {note['kind']} not delivered ({note['status']}): {note['error']}")
+    if summary["status"] != "completed":
+        log.say(f"  the upload ended {summary['status']}: see `status {run.id}`")
+    return 0 if summary["status"] == "completed" and not summary["emails_undelivered"] else 1
 
 
 def _dispatch(app: ElevraApp, args: argparse.Namespace) -> int:

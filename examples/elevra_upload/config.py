@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.limits import ModelLimits
@@ -18,6 +20,9 @@ DEFAULT_LIMITS: dict[str, ModelLimits] = {
     "gemini-2.5-flash": ModelLimits(rpm=2000, tpm=3_000_000, rpd=100_000),
     "gemini-2.5-flash-lite": ModelLimits(rpm=4000, tpm=4_000_000),
 }
+
+
+_EMAIL = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,19 @@ class AppConfig:
     concurrency: int = 32
     timeout_ms: int = 120_000
     lease_s: float = 60.0  # a crashed worker's jobs are taken over after this long
+
+    def __post_init__(self) -> None:
+        # checked before anything is enqueued: a bad setting must not leave a half-made upload
+        try:
+            ZoneInfo(self.display_tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"unknown time zone {self.display_tz!r} (ELEVRA_TIMEZONE)") from None
+        for name in ("uploader_email", "team_email"):
+            address = getattr(self, name)
+            if address and not _EMAIL.fullmatch(address):
+                raise ConfigError(f"{name} is not a plain e-mail address: {address!r}")
+        if self.lease_s <= 0 or self.concurrency < 1 or self.timeout_ms <= 0:
+            raise ConfigError("lease, concurrency and timeout settings must be positive")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AppConfig:
@@ -60,9 +78,12 @@ class AppConfig:
 
 def parse_limits(source: str) -> dict[str, ModelLimits]:
     """Limits from JSON text or a JSON file: {"model": {"rpm": .., "tpm": .., "rpd": ..}}."""
-    text = (
-        Path(source).read_text(encoding="utf-8") if not source.lstrip().startswith("{") else source
-    )
+    if source.lstrip().startswith("{"):
+        text = source
+    elif Path(source).is_file():
+        text = Path(source).read_text(encoding="utf-8")
+    else:
+        raise ConfigError(f"limits must be a JSON object or a JSON file; got {source[:60]!r}")
     try:
         raw: Any = json.loads(text)
     except ValueError as exc:

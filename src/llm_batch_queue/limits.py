@@ -36,8 +36,13 @@ class ModelLimits:
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "rpd", "max_in_flight"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is None:
+                continue
+            # bool is an int and NaN compares false to everything: both would slip through
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+        if not self.window_s > 0 or not self.window_margin_s >= 0:
+            raise ConfigError("window_s must be positive and window_margin_s not negative")
         try:
             ZoneInfo(self.day_tz)
         except Exception:

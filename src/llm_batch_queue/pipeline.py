@@ -139,8 +139,17 @@ def _validate(name: str, stages: Sequence[Stage]) -> None:
             raise ConfigError(f"pipeline {name!r}: stage name {s.name!r} is empty or repeated")
         if s.max_attempts < 1:
             raise ConfigError(f"stage {s.name!r}: max_attempts must be at least 1")
-        if isinstance(s, ModelStage) and (not s.models or any(not m for m in s.models)):
-            raise ConfigError(f"stage {s.name!r}: a model stage needs at least one model")
+        if len(s.name) > 200:
+            raise ConfigError(f"stage name {s.name[:40]!r}… is longer than 200 characters")
+        if isinstance(s, ModelStage):
+            if isinstance(s.models, str):
+                raise ConfigError(f"stage {s.name!r}: models must be a tuple of names, not a str")
+            if not s.models or any(not isinstance(m, str) or not m for m in s.models):
+                raise ConfigError(f"stage {s.name!r}: a model stage needs at least one model")
+            if not callable(s.prompt):
+                raise ConfigError(f"stage {s.name!r}: prompt must be a callable")
+        elif not callable(s.run):
+            raise ConfigError(f"stage {s.name!r}: run must be an async callable")
         by_name[s.name] = s
     for s in stages:
         for dep in s.after:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from llm_batch_queue.errors import CallError, ErrorKind, QuotaScope, RateLimited
+from llm_batch_queue.errors import CallError, ConfigError, ErrorKind, QuotaScope, RateLimited
 from llm_batch_queue.jobs import GiveUp, Job, Outcome, Retry
 from llm_batch_queue.limits import next_day_start
 
@@ -18,6 +18,13 @@ class RetryPolicy:
     switch_after: int = 2  # counted failures in a row on one model before trying the next
     rate_limit_base_s: float = 5.0  # 429 without RetryInfo: this, doubled per 429 in a row
     not_found_block_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        delays = (self.base_delay_s, self.max_delay_s, self.rate_limit_base_s)
+        if min(delays) < 0 or self.not_found_block_s < 0:
+            raise ConfigError("retry delays must not be negative")
+        if not 0 <= self.jitter <= 1 or self.switch_after < 1:
+            raise ConfigError("jitter must be within 0..1 and switch_after at least 1")
 
     def backoff(self, n: int, rng: random.Random) -> float:
         delay = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, n - 1)))

@@ -18,7 +18,7 @@ from google.genai import types
 from llm_batch_queue.adapters._google_rpc import error_from_status
 from llm_batch_queue.adapters._output import checked_output
 from llm_batch_queue.adapters.base import ModelRequest, ModelResponse, Usage
-from llm_batch_queue.errors import CallError, InvalidOutput, TransientError
+from llm_batch_queue.errors import CallError, ConfigError, InvalidOutput, TransientError
 
 
 class GeminiAdapter:
@@ -31,6 +31,10 @@ class GeminiAdapter:
         timeout_ms: int = 120_000,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        if timeout_ms <= 0:
+            raise ConfigError(
+                f"timeout_ms must be positive (the SDK waits forever otherwise), got {timeout_ms}"
+            )
         self._endpoint = base_url or "the Gemini API"
         self._client = genai.Client(
             api_key=api_key,

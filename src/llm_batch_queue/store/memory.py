@@ -472,7 +472,8 @@ class MemoryStore:
         with self._lock:
             row = self._ledger.get(reservation.id)
             if row is not None:
-                self._ledger[reservation.id] = (row[0], row[1], tokens, False)
+                # a negative count from a broken adapter must not free quota
+                self._ledger[reservation.id] = (row[0], row[1], max(0, tokens), False)
 
     def block_model(self, model: str, until: float, reason: str) -> None:
         with self._lock:

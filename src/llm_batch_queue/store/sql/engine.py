@@ -43,7 +43,12 @@ def make_engine(url_or_path: str | Path, **kwargs: Any) -> Engine:
         except ModuleNotFoundError as exc:
             raise ConfigError(
                 f"the database URL {url.render_as_string(hide_password=True)} needs the driver"
-                f" {exc.name!r}: pip install 'llm-batch-queue[postgres]'"
+                f" {exc.name!r}, which is not installed"
+                + (
+                    ": pip install 'llm-batch-queue[postgres]'"
+                    if "postgres" in url.drivername
+                    else "; llm-batch-queue supports SQLite and PostgreSQL"
+                )
             ) from None
     database = url.database or ""
     if database in ("", ":memory:"):

@@ -66,7 +66,7 @@ def reconcile(conn: Connection, reservation: Reservation, tokens: int) -> None:
     conn.execute(
         update(rate_ledger)
         .where(rate_ledger.c.id == reservation.id)
-        .values(tokens=tokens, open=False)
+        .values(tokens=max(0, tokens), open=False)  # a negative count must not free quota
     )
 
 
