@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,6 +104,18 @@ def test_control_endpoints_force_report_and_reset(http: httpx2.Client) -> None:
     assert stats["rate_limited"] == {"requests_per_day": 2}
     assert http.post("/_sim/reset").status_code == 200
     assert http.get("/_sim/stats").json()[MODEL]["admitted"] == 0
+
+
+def test_admissions_lists_each_admitted_call_with_its_time_and_tokens(
+    sim: Simulator, http: httpx2.Client
+) -> None:
+    sim.force(MODEL, Fault.RATE_LIMIT_MINUTE)
+    before = time.time()
+    statuses = [http.post(GENERATE, json=prompt(t), headers=KEY).status_code for t in "ab"]
+    assert statuses == [429, 200]  # a refused call is no admission
+    (admitted,) = http.get("/_sim/admissions").json()[MODEL]
+    assert before <= admitted[0] <= time.time() and admitted[1] == 1
+    assert sim.admissions()[MODEL] == [tuple(admitted)]
 
 
 def test_forced_faults_are_consumed_in_order(sim: Simulator, http: httpx2.Client) -> None:

@@ -96,6 +96,9 @@ class Simulator:
     def stats(self) -> dict[str, ModelStats]:
         return self.service.stats()
 
+    def admissions(self) -> dict[str, list[tuple[float, int]]]:
+        return self.service.admissions()
+
     def reset(self) -> None:
         self.service.reset()
 
@@ -116,8 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:
-        if urlsplit(self.path).path == "/_sim/stats":
+        path = urlsplit(self.path).path
+        if path == "/_sim/stats":
             self._send(Reply(200, {m: s.to_json() for m, s in self.server.service.stats().items()}))
+        elif path == "/_sim/admissions":  # {model: [[epoch seconds, input tokens], ...]}
+            self._send(Reply(200, dict(self.server.service.admissions())))
         else:
             self._send(_not_found(self.path))
 

@@ -91,6 +91,14 @@ class GeminiService:
         with self._lock:
             return {name: m.tally.snapshot() for name, m in self._models.items()}
 
+    def admissions(self) -> dict[str, list[tuple[float, int]]]:
+        """Every admitted generateContent call per model: (admitted at, input tokens), in order.
+
+        For benchmarks that measure load over windows of their own choosing.
+        """
+        with self._lock:
+            return {name: sorted(m.tally.admissions) for name, m in self._models.items()}
+
     def reset(self) -> None:
         """Forget all admissions, counters and forced faults; reseed the fault RNGs."""
         with self._lock:
