@@ -1,0 +1,123 @@
+"""What a dispatcher reserves before a call, and how it uses what reconciliation gives back.
+
+In-memory store, scripted adapter, fake clock: the scripted adapter charges ceil(chars / 4)
+input tokens, as the simulator does, unless a scripted response says otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_batch_queue.adapters.base import ModelRequest, ModelResponse, Usage
+from llm_batch_queue.adapters.scripted import ScriptedAdapter
+from llm_batch_queue.clock import FakeClock
+from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings
+from llm_batch_queue.estimator import TokenEstimator
+from llm_batch_queue.jobs import NewItem, RunStatus
+from llm_batch_queue.limits import ModelLimits
+from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt
+from llm_batch_queue.store import MemoryStore
+
+pytestmark = pytest.mark.anyio
+
+CHARS = 400  # 100 tokens as charged; the length-based estimate reserves 105
+
+
+def text(i: int) -> str:
+    return f"{i}:".ljust(CHARS, "x")
+
+
+class CountingAdapter(ScriptedAdapter):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.counted: list[str] = []
+
+    async def count_tokens(self, request: ModelRequest) -> int:
+        self.counted.append(request.prompt)
+        return await super().count_tokens(request)
+
+
+def setup(
+    items: int, adapter: ScriptedAdapter, tpm: int, settings: DispatcherSettings
+) -> tuple[MemoryStore, Dispatcher, str, FakeClock]:
+    clock = FakeClock()
+    store = MemoryStore()
+    pipeline = Pipeline("reserve", (ModelStage("ask", ("m",), lambda c: Prompt(str(c.payload))),))
+    run = store.create_run(
+        pipeline=pipeline.name,
+        name="r",
+        stages=pipeline.specs,
+        items=[NewItem(str(i), text(i)) for i in range(items)],
+        meta={},
+        now=clock.now(),
+    )
+    dispatcher = Dispatcher(
+        store,
+        pipeline,
+        adapter,
+        limits={"m": ModelLimits(tpm=tpm, window_margin_s=0.0)},
+        clock=clock,
+        settings=settings,
+    )
+    return store, dispatcher, run.id, clock
+
+
+def starts(store: MemoryStore, run_id: str) -> list[float]:
+    return sorted(a.result.started_at for a in store.attempts(run_id))
+
+
+async def test_tokens_given_back_by_reconciliation_are_used_before_the_window_turns() -> None:
+    clock_holder: list[FakeClock] = []
+
+    async def sleep(seconds: float) -> None:
+        await clock_holder[0].sleep(seconds)
+
+    # every call is charged 50 tokens, far below the 105 reserved for it
+    cheap = ModelResponse("ok", Usage(input_tokens=50), "m")
+    adapter = ScriptedAdapter({"m": [cheap] * 6}, latency_s=1.0, sleep=sleep)
+    store, dispatcher, run_id, clock = setup(6, adapter, 300, DispatcherSettings(concurrency=3))
+    clock_holder.append(clock)
+    start = clock.now()
+    stats = await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    # the third reservation is refused (3 x 105 > 300); once the first two are reconciled to
+    # 50 each, more jobs fit at once: holding the stage until the window turned would leave
+    # 200 tokens idle for a minute
+    first_window = [t for t in starts(store, run_id) if t < start + 60]
+    assert stats.deferred >= 1 and stats.provider_429 == 0
+    assert len(first_window) > 2
+
+
+async def test_count_tokens_reserves_the_providers_count_and_asks_once_per_prompt() -> None:
+    adapter = CountingAdapter()
+    store, dispatcher, run_id, clock = setup(
+        3, adapter, 200, DispatcherSettings(concurrency=3, count_tokens=True)
+    )
+    start = clock.now()
+    await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    # 100 + 100 fit a budget of 200 exactly; the estimate (105 each) would not have
+    assert [t - start < 60 for t in starts(store, run_id)] == [True, True, False]
+    # the third job was deferred and claimed again, but its prompt was counted only once
+    assert sorted(adapter.counted) == [text(i) for i in range(3)]
+
+
+async def test_without_count_tokens_the_estimate_keeps_its_headroom() -> None:
+    adapter = CountingAdapter()
+    store, dispatcher, run_id, clock = setup(2, adapter, 200, DispatcherSettings(concurrency=2))
+    start = clock.now()
+    await dispatcher.run_until_idle()
+    assert [t - start < 60 for t in starts(store, run_id)] == [True, False]
+    assert adapter.counted == []
+
+
+def test_a_count_is_scaled_up_by_what_the_provider_charged_beyond_it_never_down() -> None:
+    estimator, prompt = TokenEstimator(), text(0)
+    assert estimator.estimate("m", prompt) == 105  # no count: the length, with headroom
+    assert estimator.estimate("m", prompt, counted=100) == 100
+    estimator.observe("m", prompt, 90, counted=100)  # charged less than counted: keep the count
+    assert estimator.estimate("m", prompt, counted=100) == 100
+    for _ in range(20):
+        estimator.observe("m", prompt, 110, counted=100)  # framing the count leaves out
+    assert 109 <= estimator.estimate("m", prompt, counted=100) <= 110
+    assert estimator.estimate("other", prompt, counted=100) == 100
