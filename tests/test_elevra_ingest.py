@@ -212,7 +212,7 @@ def test_bad_email_and_seats_are_warnings(tmp_path: Path) -> None:
     assert (result.rows[0].email, result.rows[0].seats) == (None, None)
     assert {str(w) for w in result.warnings} == {
         "row 1: invalid e-mail 'not-an-email' ignored",
-        "row 1: seats 'two' is not a positive whole number; ignored",
+        "row 1: seats 'two' is not a whole number from 1 to 10000; ignored",
     }
 
 
@@ -328,3 +328,17 @@ def test_real_nc_file() -> None:
     assert result.ignored_columns == ("is_unexpired", "has_primary", "is_partisan")
     elections = {(r["contest_name"].strip(), r["election_dt"]) for r in records}
     assert len({(r.position, r.election_date) for r in result.rows}) == len(elections) == 988
+
+
+def test_out_of_range_years_and_seats_are_ignored_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    path.write_text(
+        "FirstName,LastName,Municipality,State,Position,Year,Seats\n"
+        "Ada,Lane,Springfield,Ohio,Mayor,99999999999,5000000000\n",
+        encoding="utf-8",
+    )
+    result = read_rows(path)
+    (row,) = result.rows
+    assert (row.year, row.seats) == (None, None)
+    messages = [str(w) for w in result.warnings]
+    assert "row 1: year '99999999999' is not a whole number from 1900 to 2200; ignored" in messages

@@ -559,6 +559,10 @@ def _parse_email(value: str | None, number: int, warnings: list[Issue]) -> str |
     return email
 
 
+# plausible ranges: beyond them a value is a typo, and would overflow an INTEGER column
+_INT_RANGES = {"year": (1900, 2200), "seats": (1, 10_000)}
+
+
 def _parse_int(value: str | None, what: str, number: int, warnings: list[Issue]) -> int | None:
     if not value:
         return None
@@ -566,8 +570,11 @@ def _parse_int(value: str | None, what: str, number: int, warnings: list[Issue])
         parsed = float(value)
     except ValueError:
         parsed = float("nan")
-    if not parsed.is_integer() or parsed < 1:
-        warnings.append(Issue(number, f"{what} {value!r} is not a positive whole number; ignored"))
+    low, high = _INT_RANGES.get(what, (1, 2**31 - 1))
+    if not parsed.is_integer() or not low <= parsed <= high:
+        warnings.append(
+            Issue(number, f"{what} {value!r} is not a whole number from {low} to {high}; ignored")
+        )
         return None
     return int(parsed)
 
