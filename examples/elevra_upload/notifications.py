@@ -84,6 +84,8 @@ class ElevraMail:
                 if "@" in a
             )
         )
+        if not to:  # failing keeps the row visible and reported instead of "sent" to nobody
+            raise ValueError("no recipient: set ELEVRA_UPLOADER_EMAIL or ELEVRA_TEAM_EMAIL")
         return Message(
             to=to,
             subject=rendered.subject,
