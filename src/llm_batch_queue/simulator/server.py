@@ -115,6 +115,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: httpx2 reuses connections
+    disable_nagle_algorithm = True  # else each reply waits ~40 ms for the ACK of its headers
     timeout = 60  # drop idle keep-alive connections eventually
     server: _Server
 
