@@ -121,3 +121,34 @@ def test_a_count_is_scaled_up_by_what_the_provider_charged_beyond_it_never_down(
         estimator.observe("m", prompt, 110, counted=100)  # framing the count leaves out
     assert 109 <= estimator.estimate("m", prompt, counted=100) <= 110
     assert estimator.estimate("other", prompt, counted=100) == 100
+
+
+async def test_after_a_denial_the_dispatcher_claims_one_job_at_a_time() -> None:
+    # one request a minute, eight jobs claimed per batch: without a cap every freed slot would
+    # be met by eight claims, one admitted and seven denied and released again
+    clock = FakeClock()
+    store = MemoryStore()
+    pipeline = Pipeline("probe", (ModelStage("ask", ("m",), lambda c: Prompt(str(c.payload))),))
+    run = store.create_run(
+        pipeline=pipeline.name,
+        name="r",
+        stages=pipeline.specs,
+        items=[NewItem(str(i), text(i)) for i in range(12)],
+        meta={},
+        now=clock.now(),
+    )
+    dispatcher = Dispatcher(
+        store,
+        pipeline,
+        ScriptedAdapter(),
+        limits={"m": ModelLimits(rpm=1, window_margin_s=0.0)},
+        clock=clock,
+        settings=DispatcherSettings(concurrency=8),
+    )
+    stats = await dispatcher.run_until_idle()
+    assert store.get_run(run.id).status is RunStatus.COMPLETED
+    gaps = [b - a for a, b in zip(starts(store, run.id), starts(store, run.id)[1:], strict=False)]
+    assert all(gap >= 60 for gap in gaps)
+    # the first batch (eight jobs) meets the limit unwarned: one admitted, seven denied; after
+    # that each freed slot costs the probe (admitted) and the two claimed after it (denied)
+    assert stats.deferred <= 7 + 11 * 2

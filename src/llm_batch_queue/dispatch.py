@@ -57,6 +57,10 @@ class DispatcherSettings:
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
     idle_poll_s: float = 1.0
+    # jobs claimed per turn of the loop, each turn letting them reserve and send before the
+    # next: ModelLimits.window_margin_s must cover the time from a booking to its request
+    # reaching the provider, and the other new jobs' database work runs in between
+    claim_batch: int = 4
     job_timeout_s: float = 900.0  # a stage (model call or task) running longer is failed
     # reserve what the adapter's count_tokens says (one more request per new prompt, cached)
     # instead of a length-based estimate; falls back to the estimate when it answers None/fails
@@ -68,6 +72,8 @@ class DispatcherSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if self.claim_batch < 1:
+            raise ConfigError("claim_batch must be at least 1")
         if not 0 < self.heartbeat_s < self.lease_s:
             raise ConfigError("heartbeat_s must be positive and shorter than lease_s")
         if not self.job_timeout_s > 0:
@@ -117,6 +123,7 @@ class Dispatcher:
         # local hint: no quota for this stage until (time, the denial's reason)
         self._stage_hold: dict[str, tuple[float, str]] = {}
         self._counted: dict[tuple[str, bytes], int] = {}  # count_tokens answers, by prompt
+        self._claim_batch = self.settings.claim_batch  # jobs to claim per turn (see _loop)
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._wake = anyio.Event()
@@ -172,6 +179,7 @@ class Dispatcher:
                 now = self.clock.now()
                 budget_left = deadline is None or now < deadline
                 room = self.settings.concurrency - self._in_flight
+                room = min(room, self._claim_batch)
                 if max_jobs is not None:
                     room = min(room, max_jobs - started)
                 claimed: list[ClaimedJob] = []
@@ -191,6 +199,10 @@ class Dispatcher:
                     tg.start_soon(self._run_job, job)
                 await self._drain_outbox()
                 if claimed:
+                    # let the new jobs reserve and send before claiming more: a reservation is
+                    # booked at the time it is made, and every other job's database work that
+                    # runs before its request leaves delays the request past that time
+                    await anyio.lowlevel.checkpoint()
                     continue
                 out_of_jobs = max_jobs is not None and started >= max_jobs
                 if not budget_left or out_of_jobs:
@@ -346,6 +358,7 @@ class Dispatcher:
         self, stage: TaskStage, claimed: ClaimedJob, lease_box: list[Lease]
     ) -> None:
         started = self.clock.now()
+        self._got_through()
         try:
             output = await stage.run(self._context(claimed, None))
         except LeaseLost:
@@ -429,6 +442,7 @@ class Dispatcher:
         if isinstance(booking, Deny):
             self._defer(stage, claimed, lease_box[0], model, booking)
             return
+        self._got_through()
         started = self.clock.now()
         try:
             response = await self._adapters[model].generate(request)
@@ -548,9 +562,21 @@ class Dispatcher:
             if until <= now or denial.retry_at < until:
                 self._stage_hold[stage.name] = (denial.retry_at, denial.reason)
         self.stats.deferred += 1
+        self._claim_batch = 1
         self._emit(
             events.Deferred(claimed.job.id, stage.name, model, denial.reason, denial.retry_at)
         )
+
+    def _got_through(self) -> None:
+        """A claimed job started work: after a quota denial, claim more at a time again.
+
+        A model at its limit frees a slot now and then; claiming a full batch the moment it
+        does means one reservation admitted and the rest denied and released, in every worker
+        at once: transactions that buy nothing and delay the admitted call. So after a denial
+        the dispatcher claims one job, then two, four, ... (up to claim_batch) while they get
+        through.
+        """
+        self._claim_batch = min(self._claim_batch * 2, self.settings.claim_batch)
 
     def _refunded(self, model: str) -> None:
         """A call used fewer tokens than it reserved: a stage held for TPM may fit now."""
