@@ -846,6 +846,26 @@ class StoreContract:
             Reservation,
         )
 
+    def test_reconcile_moves_a_late_send_into_the_window_it_landed_in(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        """Booked at T0 but sent 3 s later: the provider counts it until T0 + 3 + 60, so the
+        slot frees up then, for every dispatcher; an earlier send time never moves it back."""
+        one, two = store_factory(), store_factory()
+        limits = ModelLimits(rpm=1, rpd=5)
+        late = one.reserve("m", limits, 10, T0)
+        assert isinstance(late, Reservation)
+        one.reconcile(late, 10, sent_at=T0 + 3)
+        assert two.reserve("m", limits, 10, T0 + limits.span_s) == Deny(
+            T0 + 3 + limits.span_s, "rpm"
+        )
+        on_time = two.reserve("m", limits, 10, T0 + 3 + limits.span_s)
+        assert isinstance(on_time, Reservation)
+        two.reconcile(on_time, 10, sent_at=on_time.at - 1)  # before its booking: ignored
+        retry_at = on_time.at + limits.span_s
+        assert one.reserve("m", limits, 10, retry_at - 0.01) == Deny(retry_at, "rpm")
+        assert isinstance(one.reserve("m", limits, 10, retry_at), Reservation)
+
     def test_block_model_is_shared_and_only_extends(
         self, store_factory: Callable[[], Store]
     ) -> None:

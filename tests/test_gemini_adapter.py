@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+import time
 from datetime import datetime
 from typing import TypeVar
 
@@ -241,3 +242,31 @@ async def test_refused_connection_is_transient() -> None:
 
 async def test_is_a_model_adapter(adapter: GeminiAdapter) -> None:
     assert isinstance(adapter, ModelAdapter)
+
+
+async def test_send_delay_is_when_the_request_left_not_when_it_was_asked_for(
+    adapter: GeminiAdapter,
+) -> None:
+    """A busy event loop holds a call back after generate() was called; the rate ledger must
+    hear when it really left (the provider's minute counts from then), for each call apart."""
+    delays: dict[int, tuple[float | None, float]] = {}
+
+    async def call(i: int) -> None:
+        began = time.monotonic()
+        response = await adapter.generate(ModelRequest(model=PRO if i else FLASH, prompt="hi"))
+        delays[i] = (response.send_delay_s, time.monotonic() - began)
+
+    async def hog_the_loop() -> None:
+        time.sleep(0.3)  # a synchronous database call, say, on another task
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, 0)
+        tg.start_soon(hog_the_loop)
+    (delay, took), = delays.values()
+    assert delay is not None and 0.3 <= delay <= took
+
+    # on its own a call leaves at once; an error carries its send time too
+    await call(1)
+    assert delays[1][0] is not None and delays[1][0] < 0.1
+    error = await expect_error(adapter, ModelRequest(model=PRO, prompt="hi"), RateLimited)
+    assert error.send_delay_s is not None and 0 <= error.send_delay_s < 0.1

@@ -223,11 +223,17 @@ class LimiterMachine(RuleBasedStateMachine):
         model=st.sampled_from(MODELS),
         tokens=token_sizes,
         change=token_changes,
+        late=st.sampled_from([0.0, 0.0, 0.3, 2.5]),
     )
-    def call(self, who: int, model: str, tokens: int, change: int) -> None:
-        """Reserve, call, reconcile: the dispatcher's round trip, the call taking no time."""
+    def call(self, who: int, model: str, tokens: int, change: int, late: float) -> None:
+        """Reserve, call, reconcile: the dispatcher's round trip, the request leaving `late`
+        seconds after its booking (the ledger moves the booking to then) and taking no time."""
         if isinstance(self.ask(who, model, tokens), Reservation):
-            self._reconcile(self.open.pop(), who, change)
+            sent_at = None
+            if late:
+                self.seq += 1
+                self.now = sent_at = self.now + late
+            self._reconcile(self.open.pop(), who, change, sent_at)
 
     @precondition(lambda self: self.open)
     @rule(back=st.integers(0, 50), who=st.integers(0, DISPATCHERS - 1), change=token_changes)
@@ -235,12 +241,16 @@ class LimiterMachine(RuleBasedStateMachine):
         """A call returns (most often a recent one) and any dispatcher reconciles it."""
         self._reconcile(self.open.pop(-1 - back % len(self.open)), who, change)
 
-    def _reconcile(self, booking: Reservation, who: int, change: int) -> None:
+    def _reconcile(
+        self, booking: Reservation, who: int, change: int, sent_at: float | None = None
+    ) -> None:
         self.seq += 1
         actual = max(0, booking.tokens + change)
-        self.handles[who].reconcile(booking, actual)
+        self.handles[who].reconcile(booking, actual, sent_at)
         ref = self.by_id[booking.id]
         ref.actual, ref.reconciled_seq = actual, self.seq
+        if sent_at is not None:
+            ref.at = sent_at
         self.denied = None
 
     @rule(dt=clock_steps)
@@ -539,17 +549,30 @@ def _break(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     elif how == "reconcile ignores charges":
         reconcile = MemoryStore.reconcile
 
-        def refund_only(self: MemoryStore, reservation: Reservation, tokens: int) -> None:
-            reconcile(self, reservation, min(tokens, reservation.tokens))
+        def refund_only(
+            self: MemoryStore, reservation: Reservation, tokens: int, sent_at: float | None = None
+        ) -> None:
+            reconcile(self, reservation, min(tokens, reservation.tokens), sent_at)
 
         monkeypatch.setattr(MemoryStore, "reconcile", refund_only)
     elif how == "reconcile ignores refunds":
         reconcile = MemoryStore.reconcile
 
-        def charge_only(self: MemoryStore, reservation: Reservation, tokens: int) -> None:
-            reconcile(self, reservation, max(tokens, reservation.tokens))
+        def charge_only(
+            self: MemoryStore, reservation: Reservation, tokens: int, sent_at: float | None = None
+        ) -> None:
+            reconcile(self, reservation, max(tokens, reservation.tokens), sent_at)
 
         monkeypatch.setattr(MemoryStore, "reconcile", charge_only)
+    elif how == "late sends ignored":
+        reconcile = MemoryStore.reconcile
+
+        def booking_stands(
+            self: MemoryStore, reservation: Reservation, tokens: int, sent_at: float | None = None
+        ) -> None:
+            reconcile(self, reservation, tokens)
+
+        monkeypatch.setattr(MemoryStore, "reconcile", booking_stands)
     elif how == "429 blocks ignored":
         monkeypatch.setattr(MemoryStore, "block_model", lambda self, model, until, reason: None)
     else:
@@ -564,6 +587,7 @@ BREAKAGES = [
     "provider day in UTC",
     "reconcile ignores charges",
     "reconcile ignores refunds",
+    "late sends ignored",
     "429 blocks ignored",
 ]
 

@@ -38,7 +38,11 @@ class CountingAdapter(ScriptedAdapter):
 
 
 def setup(
-    items: int, adapter: ScriptedAdapter, tpm: int, settings: DispatcherSettings
+    items: int,
+    adapter: ScriptedAdapter,
+    tpm: int | None,
+    settings: DispatcherSettings,
+    rpm: int | None = None,
 ) -> tuple[MemoryStore, Dispatcher, str, FakeClock]:
     clock = FakeClock()
     store = MemoryStore()
@@ -55,7 +59,7 @@ def setup(
         store,
         pipeline,
         adapter,
-        limits={"m": ModelLimits(tpm=tpm, window_margin_s=0.0)},
+        limits={"m": ModelLimits(rpm=rpm, tpm=tpm, window_margin_s=0.0)},
         clock=clock,
         settings=settings,
     )
@@ -152,3 +156,15 @@ async def test_after_a_denial_the_dispatcher_claims_one_job_at_a_time() -> None:
     # the first batch (eight jobs) meets the limit unwarned: one admitted, seven denied; after
     # that each freed slot costs the probe (admitted) and the two claimed after it (denied)
     assert stats.deferred <= 7 + 11 * 2
+
+
+async def test_a_call_that_left_late_holds_its_slot_from_when_it_left() -> None:
+    # the adapter saw each request leave 2.5 s after it was asked for (a busy event loop):
+    # the provider counts it from then, so the next call must wait 60 s from the send
+    late = ModelResponse("ok", Usage(input_tokens=100), "m", send_delay_s=2.5)
+    adapter = ScriptedAdapter({"m": [late] * 3})
+    store, dispatcher, run_id, clock = setup(3, adapter, None, DispatcherSettings(), rpm=1)
+    await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    begun = starts(store, run_id)
+    assert [b - a for a, b in zip(begun, begun[1:], strict=False)] == [62.5, 62.5]

@@ -448,7 +448,7 @@ class Dispatcher:
             response = await self._adapters[model].generate(request)
             output = stage.parse(response)
         except CallError as exc:
-            self.store.reconcile(booking, tokens)
+            self.store.reconcile(booking, tokens, _sent_at(started, exc.send_delay_s))
             self._record_failure(claimed, lease_box[0], stage.models, exc, started, model, tokens)
             return
         except (TypeError, ValueError, AttributeError) as exc:  # an adapter broke its contract
@@ -501,7 +501,7 @@ class Dispatcher:
         counted: int | None,
     ) -> None:
         usage = response.usage
-        self.store.reconcile(booking, usage.input_tokens)
+        self.store.reconcile(booking, usage.input_tokens, _sent_at(started, response.send_delay_s))
         self._estimator.observe(booking.model, prompt_text, usage.input_tokens, counted=counted)
         if usage.input_tokens < booking.tokens:
             self._refunded(booking.model)
@@ -682,3 +682,8 @@ def _adapter_map(
             raise ConfigError(f"no adapter for model(s): {', '.join(sorted(missing))}")
         return dict(adapter)
     return dict.fromkeys(needed, adapter)
+
+
+def _sent_at(started: float, send_delay_s: float | None) -> float | None:
+    """When the call left, on the dispatcher's clock, if the adapter saw it leave."""
+    return None if send_delay_s is None else started + max(0.0, send_delay_s)

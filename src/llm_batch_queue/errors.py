@@ -48,6 +48,9 @@ class CallError(LLMBatchQueueError):
     """A classified failure of one model call or stage handler."""
 
     kind: ErrorKind = ErrorKind.TRANSIENT
+    # seconds from generate() being called to the request leaving, if the adapter saw it leave
+    # (see ModelResponse.send_delay_s); adapters set it on the errors they raise
+    send_delay_s: float | None = None
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)

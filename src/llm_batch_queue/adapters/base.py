@@ -42,6 +42,10 @@ class ModelResponse:
     status_code: int = 200
     finish_reason: str | None = None
     parsed: Any = None
+    # seconds from generate() being called to the request leaving for the provider, if the
+    # adapter can tell: the dispatcher moves the call's rate-ledger booking to then, because
+    # the provider's minute counts a request from its arrival (None: the booking stands)
+    send_delay_s: float | None = None
 
 
 @runtime_checkable

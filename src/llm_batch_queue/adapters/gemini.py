@@ -7,7 +7,9 @@ HTTP request = one rate-limit reservation).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from enum import Enum
 
 import httpx2
@@ -36,6 +38,9 @@ class GeminiAdapter:
                 f"timeout_ms must be positive (the SDK waits forever otherwise), got {timeout_ms}"
             )
         self._endpoint = base_url or "the Gemini API"
+        # our own httpx2 client, for its request hook (the moment a call leaves); passing one
+        # also keeps the SDK off aiohttp and its hidden connection retry (google-genai.md §0)
+        self._http = httpx2.AsyncClient(event_hooks={"request": [_note_sent]})
         self._client = genai.Client(
             api_key=api_key,
             http_options=types.HttpOptions(
@@ -44,6 +49,7 @@ class GeminiAdapter:
                 timeout=timeout_ms,
                 retry_options=types.HttpRetryOptions(attempts=1),
                 headers=dict(headers) if headers else None,
+                httpx_async_client=self._http,
             ),
         )
 
@@ -57,21 +63,34 @@ class GeminiAdapter:
             response_json_schema=request.output_schema,
             automatic_continuation=False,
         )
+        sent: list[float] = []
+        watch = _sent.set(sent)
+        called = time.monotonic()
         try:
             response = await self._client.aio.models.generate_content(
                 model=request.model, contents=request.prompt, config=config
             )
         except (genai_errors.APIError, httpx2.TransportError, TimeoutError) as exc:
-            raise _classified(exc, self._endpoint) from exc
+            error = _classified(exc, self._endpoint)
+            error.send_delay_s = sent[0] - called if sent else None
+            raise error from exc
+        finally:
+            _sent.reset(watch)
+        send_delay_s = sent[0] - called if sent else None
 
-        feedback = response.prompt_feedback
-        if feedback is not None and feedback.block_reason is not None:
-            raise InvalidOutput(f"prompt blocked: {_name(feedback.block_reason)}", status_code=200)
-        candidate = response.candidates[0] if response.candidates else None
-        finish_reason = _name(candidate.finish_reason) if candidate else None
-        text, parsed = checked_output(
-            response.text, wants_json=wants_json, finish_reason=finish_reason
-        )
+        try:
+            feedback = response.prompt_feedback
+            if feedback is not None and feedback.block_reason is not None:
+                reason = _name(feedback.block_reason)
+                raise InvalidOutput(f"prompt blocked: {reason}", status_code=200)
+            candidate = response.candidates[0] if response.candidates else None
+            finish_reason = _name(candidate.finish_reason) if candidate else None
+            text, parsed = checked_output(
+                response.text, wants_json=wants_json, finish_reason=finish_reason
+            )
+        except CallError as error:
+            error.send_delay_s = send_delay_s
+            raise
         usage = response.usage_metadata
         return ModelResponse(
             text=text,
@@ -83,6 +102,7 @@ class GeminiAdapter:
             model=request.model,
             finish_reason=finish_reason,
             parsed=parsed,
+            send_delay_s=send_delay_s,
         )
 
     async def count_tokens(self, request: ModelRequest) -> int | None:
@@ -107,6 +127,27 @@ class GeminiAdapter:
     async def aclose(self) -> None:
         await self._client.aio.aclose()
         self._client.close()
+        await self._http.aclose()  # the SDK does not close a client it was given
+
+
+# when the current task's generate() request left: the hooks run in the task that sends, so
+# concurrent calls each fill their own list
+_sent: ContextVar[list[float] | None] = ContextVar("lbq_gemini_sent", default=None)
+
+
+async def _note_sent(request: httpx2.Request) -> None:
+    """The request hook: runs before a connection is taken; the trace refines it to the
+    moment the body was written, after any wait for the pool or a busy event loop."""
+    sent = _sent.get()
+    if sent is not None and not sent:
+        sent.append(time.monotonic())
+        request.extensions["trace"] = _trace
+
+
+async def _trace(event: str, info: dict[str, object]) -> None:
+    sent = _sent.get()
+    if sent and event.endswith("send_request_body.complete"):
+        sent[0] = time.monotonic()
 
 
 def _classified(exc: Exception, endpoint: str) -> CallError:

@@ -134,8 +134,15 @@ class Store(Protocol):
         """Book one request of `tokens` input tokens if every window allows it, else say when."""
         ...
 
-    def reconcile(self, reservation: Reservation, tokens: int) -> None:
-        """Replace the estimate with the provider's count and end the in-flight booking."""
+    def reconcile(
+        self, reservation: Reservation, tokens: int, sent_at: float | None = None
+    ) -> None:
+        """Replace the estimate with the provider's count and end the in-flight booking.
+
+        `sent_at`, when later than the booking, moves the booking to it: the provider's window
+        counts the request from when it arrived, and a call can leave well after its booking
+        (a busy event loop, a new connection), so a slot must free up 60 s after the send.
+        """
         ...
 
     def block_model(self, model: str, until: float, reason: str) -> None: ...

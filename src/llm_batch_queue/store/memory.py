@@ -468,12 +468,15 @@ class MemoryStore:
         for rid in [k for k, r in self._ledger.items() if r[1] < now - 26 * 3600]:
             del self._ledger[rid]
 
-    def reconcile(self, reservation: Reservation, tokens: int) -> None:
+    def reconcile(
+        self, reservation: Reservation, tokens: int, sent_at: float | None = None
+    ) -> None:
         with self._lock:
             row = self._ledger.get(reservation.id)
             if row is not None:
+                at = row[1] if sent_at is None else max(row[1], sent_at)
                 # a negative count from a broken adapter must not free quota
-                self._ledger[reservation.id] = (row[0], row[1], max(0, tokens), False)
+                self._ledger[reservation.id] = (row[0], at, max(0, tokens), False)
 
     def block_model(self, model: str, until: float, reason: str) -> None:
         with self._lock:

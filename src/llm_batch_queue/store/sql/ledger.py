@@ -62,12 +62,16 @@ def usage(conn: Connection, model: str, limits: ModelLimits, now: float) -> Usag
     )
 
 
-def reconcile(conn: Connection, reservation: Reservation, tokens: int) -> None:
-    conn.execute(
-        update(rate_ledger)
-        .where(rate_ledger.c.id == reservation.id)
-        .values(tokens=max(0, tokens), open=False)  # a negative count must not free quota
-    )
+def reconcile(
+    conn: Connection, reservation: Reservation, tokens: int, sent_at: float | None
+) -> None:
+    values: dict[str, object] = {"tokens": max(0, tokens), "open": False}  # < 0 frees nothing
+    if sent_at is not None and sent_at > reservation.at:
+        values["at"] = sent_at  # the booking is only ever moved later (see Store.reconcile)
+    if "at" in values or tokens > reservation.tokens:
+        # it takes quota: not in the middle of another process's admission decision
+        advisory_lock(conn, f"lbq:rate:{reservation.model}")
+    conn.execute(update(rate_ledger).where(rate_ledger.c.id == reservation.id).values(values))
 
 
 def block(conn: Connection, model: str, until: float, reason: str) -> None:

@@ -268,9 +268,11 @@ class SQLStore:
         with self._tx(write=True) as conn:
             return ledger.reserve(conn, model, limits, tokens, now)
 
-    def reconcile(self, reservation: Reservation, tokens: int) -> None:
+    def reconcile(
+        self, reservation: Reservation, tokens: int, sent_at: float | None = None
+    ) -> None:
         with self._tx(write=True) as conn:
-            ledger.reconcile(conn, reservation, tokens)
+            ledger.reconcile(conn, reservation, tokens, sent_at)
 
     def block_model(self, model: str, until: float, reason: str) -> None:
         with self._tx(write=True) as conn:
