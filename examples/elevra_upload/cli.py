@@ -21,11 +21,12 @@ from typing import Any
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from examples.elevra_upload.app import ElevraApp, open_app
-from examples.elevra_upload.config import AppConfig, parse_limits
+from examples.elevra_upload.config import AppConfig
 from examples.elevra_upload.ingest import IngestError
 from llm_batch_queue import events
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.jobs import ItemStatus
+from llm_batch_queue.limits_config import load_limits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             action="store_true",
             help="use the offline Gemini simulator (the default without GEMINI_API_KEY)",
         )
-        p.add_argument("--limits", help='JSON or a JSON file: {"gemini-2.5-pro": {"rpm": 150}}')
+        p.add_argument(
+            "--limits",
+            help='JSON or a .json/.toml file: {"gemini-2.5-pro": {"rpm": 150}}'
+            " (replaces those models' limits)",
+        )
         p.add_argument("--concurrency", type=int, help="model calls in flight at once")
     for p in (run, dispatch):
         p.add_argument("--uploader", help="e-mail address of the uploader (gets the e-mails)")
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _config(args: argparse.Namespace) -> AppConfig:
     config = AppConfig.from_env(os.environ)
     if getattr(args, "limits", None):
-        config = replace(config, limits={**config.limits, **parse_limits(args.limits)})
+        config = replace(config, limits={**config.limits, **load_limits(args.limits)})
     if getattr(args, "uploader", None):
         config = replace(config, uploader_email=args.uploader)
     if getattr(args, "concurrency", None):

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.limits import ModelLimits
+from llm_batch_queue.limits_config import limits_from_env
 
 # Gemini API "Tier 2" limits as published for these models; override with ELEVRA_LIMITS or
-# --limits when your project's tier differs (the Gemini console shows your real numbers).
+# --limits (JSON text, or a .json/.toml file: see llm_batch_queue.limits_config) when your
+# project's tier differs (the Gemini console shows your real numbers).
 DEFAULT_LIMITS: dict[str, ModelLimits] = {
     "gemini-2.5-pro": ModelLimits(rpm=1000, tpm=5_000_000, rpd=50_000),
     "gemini-2.5-flash": ModelLimits(rpm=2000, tpm=3_000_000, rpd=100_000),
@@ -57,9 +56,8 @@ class AppConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AppConfig:
         base = cls()
-        limits = dict(base.limits)
-        if env.get("ELEVRA_LIMITS"):
-            limits.update(parse_limits(env["ELEVRA_LIMITS"]))
+        # a model named here replaces its default limits whole; the others keep theirs
+        limits = {**base.limits, **limits_from_env(env, "ELEVRA_LIMITS")}
         return cls(
             api_key=env.get("GEMINI_API_KEY") or None,
             analyze_models=_models(env.get("ELEVRA_ANALYZE_MODELS"), base.analyze_models),
@@ -74,29 +72,6 @@ class AppConfig:
             timeout_ms=_int(env, "GEMINI_TIMEOUT_MS", base.timeout_ms),
             lease_s=_int(env, "ELEVRA_LEASE_S", int(base.lease_s)),
         )
-
-
-def parse_limits(source: str) -> dict[str, ModelLimits]:
-    """Limits from JSON text or a JSON file: {"model": {"rpm": .., "tpm": .., "rpd": ..}}."""
-    if source.lstrip().startswith("{"):
-        text = source
-    elif Path(source).is_file():
-        text = Path(source).read_text(encoding="utf-8")
-    else:
-        raise ConfigError(f"limits must be a JSON object or a JSON file; got {source[:60]!r}")
-    try:
-        raw: Any = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"limits are not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError('limits must be a JSON object like {"gemini-2.5-pro": {"rpm": 150}}')
-    allowed = {"rpm", "tpm", "rpd", "max_in_flight", "day_tz"}
-    out: dict[str, ModelLimits] = {}
-    for model, values in raw.items():
-        if not isinstance(values, dict) or set(values) - allowed:
-            raise ConfigError(f"limits for {model!r} must be an object with keys {sorted(allowed)}")
-        out[str(model)] = ModelLimits(**values)
-    return out
 
 
 def _models(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:

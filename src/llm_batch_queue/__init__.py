@@ -23,6 +23,7 @@ from llm_batch_queue.errors import (
 )
 from llm_batch_queue.jobs import ItemStatus, JobStatus, NewItem, RunStatus, Scope
 from llm_batch_queue.limits import ModelLimits
+from llm_batch_queue.limits_config import limits_from_env, load_limits
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
 from llm_batch_queue.retry import RetryPolicy
 from llm_batch_queue.store import MemoryStore, Store
@@ -64,4 +65,6 @@ __all__ = [
     "TaskStage",
     "TransientError",
     "Usage",
+    "limits_from_env",
+    "load_limits",
 ]
