@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import TypeVar
 

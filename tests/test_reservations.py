@@ -6,6 +6,8 @@ input tokens, as the simulator does, unless a scripted response says otherwise.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from llm_batch_queue.adapters.base import ModelRequest, ModelResponse, Usage
@@ -163,8 +165,8 @@ async def test_a_call_that_left_late_holds_its_slot_from_when_it_left() -> None:
     # the provider counts it from then, so the next call must wait 60 s from the send
     late = ModelResponse("ok", Usage(input_tokens=100), "m", send_delay_s=2.5)
     adapter = ScriptedAdapter({"m": [late] * 3})
-    store, dispatcher, run_id, clock = setup(3, adapter, None, DispatcherSettings(), rpm=1)
+    store, dispatcher, run_id, _clock = setup(3, adapter, None, DispatcherSettings(), rpm=1)
     await dispatcher.run_until_idle()
     assert store.get_run(run_id).status is RunStatus.COMPLETED
     begun = starts(store, run_id)
-    assert [b - a for a, b in zip(begun, begun[1:], strict=False)] == [62.5, 62.5]
+    assert [b - a for a, b in itertools.pairwise(begun)] == [62.5, 62.5]
