@@ -46,6 +46,13 @@ STAGES = {
     "notify": StageSpec("notify", Scope.RUN, after=("workbook",)),
 }
 
+ONLY = {"only": StageSpec("only", Scope.ITEM)}
+TWO_STEPS = {
+    "first": StageSpec("first", Scope.ITEM),
+    "second": StageSpec("second", Scope.ITEM, after=("first",)),
+    "wrap": StageSpec("wrap", Scope.RUN),
+}
+
 
 def ok(now: float = T0, *, counted: bool = True, model: str | None = "m") -> AttemptResult:
     return AttemptResult(started_at=now, finished_at=now, model=model, counted=counted)
@@ -188,6 +195,88 @@ class StoreContract:
         got = store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S, stages=["analyze"])
         assert len(got) == 2
         assert {i.status for i in store.items(run.id)} == {ItemStatus.RUNNING}
+
+    # fair order across runs -----------------------------------------------------------------
+    def test_claims_take_turns_between_runs(self, store: Store) -> None:
+        """A run created while another is being served joins at the current virtual time: job k
+        of each run goes before job k+1 of either, instead of after the whole earlier run."""
+        big = new_run(store, keys=tuple(f"b{i}" for i in range(10)), stages=ONLY)
+        assert [item_key(claim_one(store)) for _ in range(3)] == ["b0", "b1", "b2"]
+        small = new_run(store, keys=("s0", "s1", "s2"), stages=ONLY, now=T0 + 1)
+        # b3, the next to be served, has key 3: the new run's items are keyed from there
+        assert [j.fair_key for j in store.jobs(big.id)] == [float(i) for i in range(10)]
+        assert [j.fair_key for j in store.jobs(small.id)] == [3.0, 4.0, 5.0]
+        got = [item_key(claim_one(store, T0 + 1)) for _ in range(8)]
+        assert got == ["b3", "s0", "b4", "s1", "b5", "s2", "b6", "b7"]
+
+    def test_a_run_created_while_nothing_is_ready_starts_at_zero(self, store: Store) -> None:
+        """Nothing ready (all claimed, later stages pending): the virtual time is 0, and the new
+        run takes turns with the older run's later stages as they become ready."""
+        old = new_run(store, keys=("o0", "o1", "o2"), stages=TWO_STEPS)
+        firsts = store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S)
+        assert [item_key(c) for c in firsts] == ["o0", "o1", "o2"]
+        new = new_run(store, keys=("n0", "n1", "n2"), stages=TWO_STEPS, now=T0 + 1)
+        keys = {k: j.fair_key for k, j in jobs_by(store, new.id).items()}
+        assert keys == {
+            ("first", "n0"): 0.0,
+            ("second", "n0"): 0.0,
+            ("first", "n1"): 1.0,
+            ("second", "n1"): 1.0,
+            ("first", "n2"): 2.0,
+            ("second", "n2"): 2.0,
+            ("wrap", None): 3.0,  # run-scope jobs come after every item
+        }
+        for c in firsts:  # the old run's second stages become ready, keys 0, 1, 2
+            store.complete(c.lease, ok(T0 + 2), None, T0 + 2)
+        runs = {old.id: "old", new.id: "new"}
+        got = [
+            (runs[c.run.id], c.job.stage, item_key(c))
+            for c in store.claim(worker="w", now=T0 + 3, limit=10, lease_s=LEASE_S)
+        ]
+        assert got == [
+            ("new", "first", "n0"),
+            ("old", "second", "o0"),
+            ("new", "first", "n1"),
+            ("old", "second", "o1"),
+            ("new", "first", "n2"),
+            ("old", "second", "o2"),
+        ]
+
+    def test_a_later_stage_of_an_item_goes_before_the_next_items_first_stage(
+        self, store: Store
+    ) -> None:
+        new_run(store, keys=("a0", "a1", "a2", "a3"), stages=TWO_STEPS)
+        first, _ = store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S)
+        store.complete(first.lease, ok(T0 + 1), None, T0 + 1)  # second/a0 ready at T0 + 1
+        got = [
+            (c.job.stage, item_key(c))
+            for c in store.claim(worker="w", now=T0 + 1, limit=2, lease_s=LEASE_S)
+        ]
+        assert got == [("second", "a0"), ("first", "a2")]
+
+    def test_priority_beats_the_fair_order(self, store: Store) -> None:
+        bulk = new_run(store, keys=tuple(f"b{i}" for i in range(6)), stages=ONLY)
+        assert len(store.claim(worker="w", now=T0, limit=5, lease_s=LEASE_S)) == 5
+        urgent = {"only": StageSpec("only", Scope.ITEM, priority=5)}
+        hurry = new_run(store, keys=("u0", "u1", "u2"), stages=urgent, now=T0 + 1)
+        # keyed after b5 (key 5), yet claimed first
+        assert [j.fair_key for j in store.jobs(hurry.id)] == [5.0, 6.0, 7.0]
+        got = [item_key(c) for c in store.claim(worker="w", now=T0 + 1, limit=5, lease_s=LEASE_S)]
+        assert got == ["u0", "u1", "u2", "b5"]
+        assert store.get_run(bulk.id).status is RunStatus.RUNNING
+
+    def test_retry_keeps_the_jobs_place_in_the_fair_order(self, store: Store) -> None:
+        once = {"only": StageSpec("only", Scope.ITEM, max_attempts=1)}
+        first = new_run(store, keys=("a", "b", "c"), stages=once)
+        a, b = store.claim(worker="w", now=T0, limit=2, lease_s=LEASE_S)
+        store.complete(a.lease, ok(), None, T0)
+        store.fail(b.lease, bad(), GiveUp("broken"), T0)
+        later = new_run(store, keys=("x", "y"), stages=once, now=T0 + 1)
+        assert [j.fair_key for j in store.jobs(later.id)] == [2.0, 3.0]  # after c (key 2)
+        store.retry_item(first.id, "b", T0 + 1)
+        assert jobs_by(store, first.id)[("only", "b")].fair_key == 1.0
+        got = [item_key(c) for c in store.claim(worker="w", now=T0 + 2, limit=5, lease_s=LEASE_S)]
+        assert got == ["b", "c", "x", "y"]
 
     def test_concurrent_claimers_get_disjoint_jobs(
         self, store_factory: Callable[[], Store]

@@ -363,3 +363,67 @@ async def test_stopping_the_dispatcher_hands_in_flight_jobs_back() -> None:
         tg.cancel_scope.cancel()
     (job,) = store.jobs(run.id)
     assert job.status is JobStatus.READY and job.last_error == "dispatcher stopped"
+
+
+@pytest.mark.parametrize("sql", [False, True])
+async def test_a_small_run_created_later_is_not_starved_by_a_big_one(
+    sql: bool, tmp_path: Path
+) -> None:
+    """One model at 4 requests a minute: a 4-item run created after a 40-item run takes turns
+    with it (fair order) instead of waiting for all 40 (first come, first served)."""
+    from llm_batch_queue.store.sql import SQLStore
+
+    finished: list[tuple[str, str]] = []
+
+    async def done(ctx: StageContext) -> None:
+        assert ctx.item is not None
+        finished.append((ctx.run.name, ctx.item.key))
+
+    pipeline = Pipeline(
+        "fair",
+        (
+            ModelStage("ask", ("m",), lambda c: Prompt(f"ask {c.payload}")),
+            TaskStage("done", done, after=("ask",)),
+        ),
+    )
+    clock = FakeClock()
+    store: Store = SQLStore(f"sqlite:///{tmp_path / 'q.db'}") if sql else MemoryStore()
+
+    def create(name: str, n: int) -> str:
+        items = [NewItem(f"{name[0]}{i}", i) for i in range(n)]
+        run = store.create_run(
+            pipeline="fair",
+            name=name,
+            stages=pipeline.specs,
+            items=items,
+            meta={},
+            now=clock.now(),
+        )
+        return run.id
+
+    big = create("big", 40)
+    dispatcher = Dispatcher(
+        store,
+        pipeline,
+        ScriptedAdapter(),
+        limits={"m": ModelLimits(rpm=4, window_margin_s=0.0)},
+        clock=clock,
+        retry=RetryPolicy(jitter=0.0),
+        settings=DispatcherSettings(concurrency=4),
+    )
+    await dispatcher.run_once()  # the first minute's 4 calls; the rest wait for the window
+    assert finished == [("big", f"b{i}") for i in range(4)]
+    clock.advance(10)
+    small = create("small", 4)
+    await dispatcher.run_until_idle()
+    assert store.get_run(big).status is store.get_run(small).status is RunStatus.COMPLETED
+    # each run's items finish in order
+    assert [k for r, k in finished if r == "big"] == [f"b{i}" for i in range(40)]
+    assert [k for r, k in finished if r == "small"] == [f"s{i}" for i in range(4)]
+    # the small run finished while most of the big one was still queued
+    last_small = max(i for i, (r, _) in enumerate(finished) if r == "small")
+    # in fair order b0..b11 (keys up to s3's, 11) go before s3: 12, and a little slack; first
+    # come, first served put 20 here (the big run's deferred calls fell behind the small run)
+    assert sum(r == "big" for r, _ in finished[:last_small]) <= 14
+    assert finished[-1][0] == "big"
+    store.close()

@@ -9,13 +9,14 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from llm_batch_queue.store import MemoryStore
 from llm_batch_queue.store.sql import SQLStore, make_engine, open_store, upgrade
-from llm_batch_queue.store.sql.schema import VERSION_TABLE, current, head
+from llm_batch_queue.store.sql.schema import VERSION_TABLE, alembic_config, current, head
 from llm_batch_queue.store.sql.tables import metadata
 
 TABLES = {
@@ -129,6 +130,7 @@ def test_migrations_ship_inside_the_package_without_an_ini() -> None:
     root = resources.files("llm_batch_queue.store.sql") / "migrations"
     assert (root / "env.py").is_file() and (root / "script.py.mako").is_file()
     assert (root / "versions" / "0001_initial.py").is_file()
+    assert (root / "versions" / "0002_fair_order.py").is_file()
     assert not (root / "alembic.ini").is_file()
 
 
@@ -136,3 +138,99 @@ def test_the_store_package_does_not_import_sqlalchemy() -> None:
     code = "import sys, llm_batch_queue.store; print('sqlalchemy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _seed_at_0001(engine: Engine) -> None:
+    """A run with two items (one stage each) and a run-scope job, written as 0001 had them."""
+    job = {
+        "pipeline": "p",
+        "status": "ready",
+        "priority": 0,
+        "attempts": 0,
+        "max_attempts": 3,
+        "next_run_at": 1.0,
+        "model_index": 0,
+        "model_failures": 0,
+        "created_at": 1.0,
+        "updated_at": 1.0,
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO lbq_runs (id, pipeline, name, status, stages, notify, created_at,"
+                " round) VALUES ('r', 'p', 'old', 'running', '[]', '[]', 1.0, 1)"
+            )
+        )
+        for position, key in enumerate(["x", "y"]):
+            conn.execute(
+                text(
+                    "INSERT INTO lbq_items (id, run_id, position, key, status, outputs, failures)"
+                    " VALUES (:id, 'r', :position, :key, 'queued', '{}', 0)"
+                ),
+                {"id": f"i{key}", "position": position, "key": key},
+            )
+        for jid, item, position in [("jx", "ix", 0), ("jy", "iy", 1), ("jr", None, 2)]:
+            conn.execute(
+                text(
+                    "INSERT INTO lbq_jobs (id, run_id, item_id, scope_key, position, pipeline,"
+                    " stage, status, priority, attempts, max_attempts, next_run_at, model_index,"
+                    " model_failures, created_at, updated_at) VALUES (:id, 'r', :item, :scope,"
+                    " :position, :pipeline, :stage, :status, :priority, :attempts,"
+                    " :max_attempts, :next_run_at, :model_index, :model_failures, :created_at,"
+                    " :updated_at)"
+                ),
+                {
+                    **job,
+                    "id": jid,
+                    "item": item,
+                    "scope": item or "",
+                    "position": position,
+                    "stage": "run" if item is None else "ask",
+                    "status": "pending" if item is None else "ready",
+                },
+            )
+        conn.execute(
+            text(
+                "INSERT INTO lbq_attempts (job_id, stage, is_fallback, started_at, finished_at,"
+                " input_tokens, output_tokens, thinking_tokens, counted)"
+                " VALUES ('jx', 'ask', false, 1.0, 1.0, 0, 0, 0, true)"
+            )
+        )
+
+
+def test_a_database_at_0001_upgrades_to_the_fair_order_and_back(sql_url: str) -> None:
+    engine = make_engine(sql_url)
+    try:
+        upgrade(engine, "0001")
+        _seed_at_0001(engine)
+        store = SQLStore(engine)  # migrates on open
+        with engine.connect() as conn:
+            assert current(conn) == head() == "0002"
+            indexes = {ix["name"] for ix in inspect(conn).get_indexes("lbq_jobs")}
+            assert "ix_lbq_jobs_status_priority_fair_key" in indexes
+        # existing jobs keyed as if their run had been created with nothing else queued
+        assert [(j.id, j.fair_key) for j in store.jobs("r")] == [
+            ("jx", 0.0),
+            ("jy", 1.0),
+            ("jr", 2.0),
+        ]
+        (claimed,) = store.claim(worker="w", now=2.0, limit=1, lease_s=60.0)
+        assert claimed.job.id == "jx"
+        store.close()  # the engine stays open: it is ours
+
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0001")
+        with engine.connect() as conn:
+            assert current(conn) == "0001"
+            columns = {c["name"] for c in inspect(conn).get_columns("lbq_jobs")}
+            assert "fair_key" not in columns and "priority" in columns
+            indexes = {ix["name"] for ix in inspect(conn).get_indexes("lbq_jobs")}
+            assert "ix_lbq_jobs_status_priority_fair_key" not in indexes
+            # nothing cascaded: the jobs and their attempts are all still there
+            assert conn.execute(text("SELECT count(*) FROM lbq_jobs")).scalar() == 3
+            assert conn.execute(text("SELECT count(*) FROM lbq_attempts")).scalar() == 1
+        upgrade(engine)  # and up again
+        with engine.connect() as conn:
+            assert current(conn) == head()
+    finally:
+        engine.dispose()

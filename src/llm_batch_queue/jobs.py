@@ -97,6 +97,10 @@ class Job:
     last_error: str | None
     model_failures: int = 0  # counted failures in a row on the model at model_index
     output: JSON = None
+    # start-time fair queueing: claims go by priority, then fair_key. A run's jobs get the
+    # virtual time at its creation plus their item's position (run-scope jobs: plus the number
+    # of items), so concurrent runs take turns and each run's items progress in order
+    fair_key: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

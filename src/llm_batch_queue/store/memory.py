@@ -70,11 +70,12 @@ class MemoryStore:
         if len(set(keys)) != len(keys):  # the SQL store's UNIQUE(run_id, key)
             raise ValueError("item keys must be unique within a run")
         with self._lock:
+            base = self._virtual_time(pipeline, now)  # before this run's jobs exist
             run = Run(uuid.uuid4().hex, pipeline, name, RunStatus.RUNNING, meta, now, None)
             self._runs[run.id] = run
             self._stages[run.id] = dict(stages)
             self._notify_kinds[run.id] = frozenset(notify)
-            for new in items:
+            for position, new in enumerate(items):
                 item = Item(
                     uuid.uuid4().hex,
                     run.id,
@@ -88,16 +89,18 @@ class MemoryStore:
                 self._items[item.id] = item
                 for spec in stages.values():
                     if spec.scope is Scope.ITEM:
-                        self._new_job(run.id, item.id, spec, now)
+                        self._new_job(run.id, item.id, spec, now, base + position)
             for spec in stages.values():
                 if spec.scope is Scope.RUN:
-                    self._new_job(run.id, None, spec, now)
+                    self._new_job(run.id, None, spec, now, base + len(items))
             self._milestones(run.id).run_queued(len(items), now)
             if not items:
                 self._advance_run(run.id, now)
             return self._runs[run.id]  # a run with nothing to do is finished already
 
-    def _new_job(self, run_id: str, item_id: str | None, spec: StageSpec, now: float) -> None:
+    def _new_job(
+        self, run_id: str, item_id: str | None, spec: StageSpec, now: float, fair_key: float
+    ) -> None:
         job = Job(
             uuid.uuid4().hex,
             run_id,
@@ -110,8 +113,21 @@ class MemoryStore:
             now,
             0,
             None,
+            fair_key=fair_key,
         )
         self._jobs[job.id] = job
+
+    def _virtual_time(self, pipeline: str, now: float) -> float:
+        """Where the pipeline's claim order stands: the smallest fair_key among its jobs ready to
+        run at `now`, or 0 if there are none. A new run's jobs are keyed from here (jobs.Job)."""
+        keys = [
+            j.fair_key
+            for j in self._jobs.values()
+            if j.status is JobStatus.READY
+            and j.next_run_at <= now
+            and self._runs[j.run_id].pipeline == pipeline
+        ]
+        return min(keys, default=0.0)
 
     def get_run(self, run_id: str) -> Run:
         with self._lock:
@@ -225,7 +241,7 @@ class MemoryStore:
                 found.append((job, False))
             elif job.status is JobStatus.RUNNING and self._leases[job.id].expires_at <= now:
                 found.append((job, True))
-        found.sort(key=lambda p: (-p[0].priority, p[0].next_run_at, p[0].id))
+        found.sort(key=lambda p: (-p[0].priority, p[0].fair_key, p[0].next_run_at, p[0].id))
         return found
 
     def claim(

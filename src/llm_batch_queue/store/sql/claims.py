@@ -4,6 +4,9 @@ On PostgreSQL, candidates are taken with FOR UPDATE SKIP LOCKED, so concurrent c
 disjoint jobs without waiting for each other (D-2). Expired leases are reclaimed by the same
 query (no separate sweeper, D-5): the expiry is counted as an attempt, and a job that reaches
 max_attempts that way fails and settles its item and run in this transaction (D-7).
+
+Candidates go by priority (highest first), then fair_key (start-time fair queueing: concurrent
+runs take turns, see jobs.Job.fair_key and virtual_time), then due time and id.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def _candidates(
                 and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_expires_at <= now),
             )
         )
-        .order_by(jobs.c.priority.desc(), jobs.c.next_run_at, jobs.c.id)
+        .order_by(jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
         .limit(n)
         .with_for_update(skip_locked=True)
     )
@@ -84,6 +87,19 @@ def _candidates(
     if seen:
         query = query.where(jobs.c.id.not_in(list(seen)))
     return query
+
+
+def virtual_time(conn: Connection, pipeline: str, now: float) -> float:
+    """Where the pipeline's claim order stands: the smallest fair_key among its jobs ready to
+    run at `now`, or 0 if there are none. A new run's jobs are keyed from here (jobs.Job)."""
+    value = conn.execute(
+        select(func.min(jobs.c.fair_key)).where(
+            jobs.c.status == JobStatus.READY.value,
+            jobs.c.next_run_at <= now,
+            jobs.c.pipeline == pipeline,
+        )
+    ).scalar()
+    return 0.0 if value is None else float(value)
 
 
 def _lease(

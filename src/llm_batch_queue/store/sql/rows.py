@@ -95,6 +95,7 @@ def to_job(row: Row[Any]) -> Job:
         last_error=m["last_error"],
         model_failures=m["model_failures"],
         output=m["output"],
+        fair_key=m["fair_key"],
     )
 
 

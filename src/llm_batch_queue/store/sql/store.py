@@ -119,17 +119,22 @@ class SQLStore:
         run_id = uuid.uuid4().hex
         spec = graph.RunSpec(dict(stages), frozenset(notify))
         item_rows = [_item_row(run_id, i, new) for i, new in enumerate(items)]
+        # fair_key: the item's position (run-scope jobs: after every item), plus the pipeline's
+        # virtual time once the transaction has read it (jobs.Job.fair_key)
         job_rows = [
-            _job_row(run_id, pipeline, row["id"], stage, now)
+            _job_row(run_id, pipeline, row["id"], stage, now, row["position"])
             for row in item_rows
             for stage in stages.values()
             if stage.scope is Scope.ITEM
         ]
         run_stages = [s for s in stages.values() if s.scope is Scope.RUN]
-        job_rows += [_job_row(run_id, pipeline, None, s, now) for s in run_stages]
+        job_rows += [_job_row(run_id, pipeline, None, s, now, len(item_rows)) for s in run_stages]
         for position, row in enumerate(job_rows):
             row["position"] = position
         with self._tx(write=True) as conn:
+            base = claims.virtual_time(conn, pipeline, now)
+            for row in job_rows:
+                row["fair_key"] += base
             conn.execute(
                 runs.insert().values(
                     id=run_id,
@@ -329,7 +334,7 @@ def _item_row(run_id: str, position: int, new: NewItem) -> dict[str, Any]:
 
 
 def _job_row(
-    run_id: str, pipeline: str, item_id: str | None, spec: StageSpec, now: float
+    run_id: str, pipeline: str, item_id: str | None, spec: StageSpec, now: float, fair_key: float
 ) -> dict[str, Any]:
     return {
         "id": uuid.uuid4().hex,
@@ -340,6 +345,7 @@ def _job_row(
         "stage": spec.name,
         "status": initial_status(spec).value,
         "priority": spec.priority,
+        "fair_key": fair_key,
         "attempts": 0,
         "max_attempts": spec.max_attempts,
         "next_run_at": now,

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeEngine
@@ -88,6 +89,8 @@ jobs = Table(
     Column("stage", String(200), nullable=False),
     Column("status", String(32), nullable=False),
     Column("priority", Integer, nullable=False),
+    # claim order after priority (start-time fair queueing across runs, see jobs.Job)
+    Column("fair_key", Double, nullable=False, server_default=text("0")),
     Column("attempts", Integer, nullable=False),
     Column("max_attempts", Integer, nullable=False),
     Column("next_run_at", Time, nullable=False),
@@ -102,6 +105,7 @@ jobs = Table(
     Column("updated_at", Time, nullable=False),
     UniqueConstraint("run_id", "scope_key", "stage"),
     Index(None, "status", "next_run_at"),
+    Index(None, "status", "priority", "fair_key"),  # the claim order (claims._candidates)
     Index(None, "run_id", "stage", "status"),
     Index(None, "item_id"),
 )
