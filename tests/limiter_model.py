@@ -31,6 +31,15 @@ class Booking:
     reconciled_seq: int | None = None
 
     @property
+    def window_at(self) -> float:
+        """Where the ledger counts it in the minute window: from the end of its tenth of a
+        second (the library's SLOTS_PER_S), the first k/10 s (as a float) not before `at`."""
+        k = math.floor(Fraction(self.at) * 10) - 1
+        while k / 10 < self.at:
+            k += 1
+        return k / 10
+
+    @property
     def tokens(self) -> int:
         """What the ledger holds for it now."""
         return self.reserved if self.actual is None else self.actual
@@ -115,8 +124,9 @@ class Reference:
         return longest if longest[0] > now else (0.0, None)
 
     def window(self, model: str, t: float) -> list[Booking]:
+        """What the ledger counts at `t`: bookings made by then, counted from their window_at."""
         span = self.limits[model].span_s
-        return [b for b in self.of(model) if t - span < b.at <= t]
+        return [b for b in self.of(model) if b.at <= t and b.window_at > t - span]
 
     def window_allows(self, model: str, tokens: int, t: float) -> set[str]:
         """The window limits that would deny the request at `t` (bookings frozen as now)."""
@@ -135,7 +145,9 @@ class Reference:
 
     def in_flight(self, model: str, t: float) -> int:
         return sum(
-            1 for b in self.of(model) if b.actual is None and b.at > t - self.in_flight_ttl_s
+            1
+            for b in self.of(model)
+            if b.actual is None and b.window_at > t - self.in_flight_ttl_s
         )
 
     def expect(self, model: str, tokens: int, now: float) -> Expectation:
@@ -154,7 +166,7 @@ class Reference:
         if window_denies:
             binding |= window_denies
             # the window only empties as time passes: try each moment a booking leaves it
-            leaving = sorted({b.at + lim.span_s for b in self.window(model, now)})
+            leaving = sorted({b.window_at + lim.span_s for b in self.window(model, now)})
             free = next((t for t in leaving if not self.window_allows(model, tokens, t)), None)
             assert free is not None, "[ref] the window never frees up (float rounding?)"
             earliest = max(earliest, free)

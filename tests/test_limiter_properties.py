@@ -79,7 +79,7 @@ from llm_batch_queue.store import Reservation, Store
 from llm_batch_queue.store import memory as memory_module
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S, MemoryStore
 from llm_batch_queue.store.sql import SQLStore
-from llm_batch_queue.store.sql.tables import model_state, rate_ledger
+from llm_batch_queue.store.sql.tables import model_state, rate_days, rate_slots
 
 DISPATCHERS = 3
 MODELS = ("gemini", "other")  # gemini keeps the default provider day (America/Los_Angeles)
@@ -177,7 +177,7 @@ class LimiterMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.limits: dict[str, ModelLimits] = {}
         self.ref = Reference({}, IN_FLIGHT_TTL_S)
-        self.by_id: dict[int, Booking] = {}
+        self.by_id: dict[int, Booking] = {}  # by id() of the Reservation the store returned
         self.denied: Denied | None = None
         self.open: list[Reservation] = []  # not reconciled yet, oldest first
 
@@ -247,7 +247,7 @@ class LimiterMachine(RuleBasedStateMachine):
         self.seq += 1
         actual = max(0, booking.tokens + change)
         self.handles[who].reconcile(booking, actual, sent_at)
-        ref = self.by_id[booking.id]
+        ref = self.by_id[id(booking)]
         ref.actual, ref.reconciled_seq = actual, self.seq
         if sent_at is not None:
             ref.at = sent_at
@@ -338,7 +338,7 @@ class LimiterMachine(RuleBasedStateMachine):
             assert (got.model, got.tokens, got.at) == (model, tokens, now)
             booking = Booking(self.seq, model, now, tokens)
             self.ref.bookings.append(booking)
-            self.by_id[got.id] = booking
+            self.by_id[id(got)] = booking
             self.open.append(got)
             return got  # whether it should have been admitted: the invariants judge
         where = f"{model} {tokens} tokens at {now} ({lim}): denied {got}, expected {expected}"
@@ -398,7 +398,8 @@ def fresh_handles(store_url: str, store_factory: Callable[[], Store]) -> Callabl
 
     def fresh() -> list[Store]:
         with engine.begin() as conn:
-            conn.execute(delete(rate_ledger))
+            conn.execute(delete(rate_slots))
+            conn.execute(delete(rate_days))
             conn.execute(delete(model_state))
         return handles
 

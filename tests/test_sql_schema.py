@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
+from llm_batch_queue.limits import Deny, ModelLimits, window_slot
 from llm_batch_queue.store import MemoryStore
 from llm_batch_queue.store.sql import SQLStore, make_engine, open_store, upgrade
 from llm_batch_queue.store.sql.schema import VERSION_TABLE, alembic_config, current, head
@@ -24,7 +25,8 @@ TABLES = {
     "lbq_items",
     "lbq_jobs",
     "lbq_attempts",
-    "lbq_rate_ledger",
+    "lbq_rate_slots",
+    "lbq_rate_days",
     "lbq_model_state",
     "lbq_outbox",
 }
@@ -131,6 +133,7 @@ def test_migrations_ship_inside_the_package_without_an_ini() -> None:
     assert (root / "env.py").is_file() and (root / "script.py.mako").is_file()
     assert (root / "versions" / "0001_initial.py").is_file()
     assert (root / "versions" / "0002_fair_order.py").is_file()
+    assert (root / "versions" / "0003_rate_slots.py").is_file()
     assert not (root / "alembic.ini").is_file()
 
 
@@ -205,7 +208,7 @@ def test_a_database_at_0001_upgrades_to_the_fair_order_and_back(sql_url: str) ->
         _seed_at_0001(engine)
         store = SQLStore(engine)  # migrates on open
         with engine.connect() as conn:
-            assert current(conn) == head() == "0002"
+            assert current(conn) == head()
             indexes = {ix["name"] for ix in inspect(conn).get_indexes("lbq_jobs")}
             assert "ix_lbq_jobs_status_priority_fair_key" in indexes
         # existing jobs keyed as if their run had been created with nothing else queued
@@ -232,5 +235,37 @@ def test_a_database_at_0001_upgrades_to_the_fair_order_and_back(sql_url: str) ->
         upgrade(engine)  # and up again
         with engine.connect() as conn:
             assert current(conn) == head()
+    finally:
+        engine.dispose()
+
+
+def test_bookings_of_the_last_minute_survive_the_move_to_slots(sql_url: str) -> None:
+    """0003 turns the row-per-request ledger into slot counters: a model that was at its limit
+    just before the upgrade is still at it after."""
+    engine = make_engine(sql_url)
+    now = 1_767_225_600.0
+    try:
+        upgrade(engine, "0002")
+        with engine.begin() as conn:
+            old = [(now - 30.0, 10, False), (now - 0.05, 5, True)]
+            for i, (at, tokens, open_) in enumerate(old):
+                conn.execute(
+                    text(
+                        "INSERT INTO lbq_rate_ledger (id, model, at, tokens, open)"
+                        " VALUES (:id, 'm', :at, :tokens, :open)"
+                    ),
+                    {"id": i + 1, "at": at, "tokens": tokens, "open": open_},
+                )
+        store = SQLStore(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT slot, requests, tokens, open FROM lbq_rate_slots ORDER BY slot")
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            (window_slot(now - 30.0), 1, 10, 0),
+            (window_slot(now - 0.05), 1, 5, 1),
+        ]
+        assert store.reserve("m", ModelLimits(rpm=2), 1, now) == Deny(now - 30.0 + 60.5, "rpm")
+        store.close()
     finally:
         engine.dispose()

@@ -111,12 +111,26 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """One booked request: counted in the window from `slot`'s end and in the provider day
+    that began at `day` (in `day_tz`), holding `tokens` until reconciled."""
+
+    model: str
+    tokens: int
+    at: float  # when it was booked
+    slot: int  # limits.window_slot(at)
+    day: float
+    day_tz: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedJob:
     job: Job
     lease: Lease
     run: Run
     item: Item | None
     reclaimed: bool = False  # the previous owner's lease had expired
+    reservation: Reservation | None = None  # made in the claim's transaction (Store.claim_work)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,8 @@ LeaseLost, changing nothing, if the caller no longer holds the lease.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from llm_batch_queue.jobs import (
@@ -21,19 +21,13 @@ from llm_batch_queue.jobs import (
     NewItem,
     Notification,
     Outcome,
+    Reservation,
     Run,
     RunCounts,
     StageSpec,
 )
 from llm_batch_queue.limits import Deny, ModelLimits
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    id: int
-    model: str
-    tokens: int
-    at: float
+from llm_batch_queue.retry import ModelBlock
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +35,85 @@ class ModelState:
     model: str
     blocked_until: float
     reason: str | None
+
+
+# claiming with reservations ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Booking:
+    """What a claim must reserve for a job before handing it out: one request of `tokens`."""
+
+    model: str
+    limits: ModelLimits
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Postpone:
+    """Leave the job unclaimed until `at` (no attempt counted): e.g. its models are parked."""
+
+    at: float
+    reason: str
+
+
+Plan = Callable[[ClaimedJob, Callable[[str], ModelState]], Booking | Postpone | None]
+"""Called by `claim_work`, inside its transaction, for each job it would hand out, with a lookup
+of the models' current blocks: a Booking to reserve (the job is handed out only if it is
+admitted), a Postpone, or None (nothing to reserve). It must not call the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """A job left unclaimed because its model's quota said no."""
+
+    job: Job
+    model: str
+    deny: Deny
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    jobs: list[ClaimedJob] = field(default_factory=list)  # reservation set where one was made
+    denied: list[Denied] = field(default_factory=list)
+
+
+# finishing in batches -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Used:
+    """What a reserved call really used: the provider's input-token count, and when the request
+    left (None: as booked). `sent=False`: the request never left, and the booking is undone."""
+
+    reservation: Reservation
+    tokens: int
+    sent_at: float | None = None
+    sent: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    lease: Lease
+    result: AttemptResult
+    output: JSON
+    used: Used | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    lease: Lease
+    result: AttemptResult
+    outcome: Outcome
+    used: Used | None = None
+    block: ModelBlock | None = None  # keep every dispatcher off the model (a 429, a 404)
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    lease: Lease
+    at: float
+    reason: str
+    used: Used | None = None
+
+
+Finish = Completion | Failure | Release
 
 
 class Store(Protocol):
@@ -107,6 +180,25 @@ class Store(Protocol):
         """
         ...
 
+    def claim_work(
+        self,
+        *,
+        worker: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        plan: Plan,
+        stages: Collection[str] | None = None,
+        pipeline: str | None = None,
+    ) -> Claim:
+        """`claim`, with each job's reservation made in the same transaction (see Plan).
+
+        A job whose booking is denied stays as it was (READY, due): the Denied entry says when
+        the model frees up. After the first denial on a model, the claim books later jobs on it
+        only if they fit without delaying the denied one (backfilling).
+        """
+        ...
+
     def next_due(
         self, stages: Collection[str] | None = None, pipeline: str | None = None
     ) -> float | None:
@@ -114,6 +206,21 @@ class Store(Protocol):
         ...
 
     def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease: ...
+
+    def heartbeat_all(
+        self, leases: Sequence[Lease], now: float, lease_s: float
+    ) -> list[Lease | None]:
+        """Renew many leases in one transaction: the renewed lease, or None where it was lost."""
+        ...
+
+    def finish(self, batch: Sequence[Finish], now: float) -> list[bool]:
+        """Apply completions, failures and releases in one transaction.
+
+        Each one only if its caller still holds the job's lease: the answer is False where it
+        did not (nothing of that job changed). Usage is reconciled and blocks are applied
+        either way: the call happened.
+        """
+        ...
 
     def complete(self, lease: Lease, result: AttemptResult, output: JSON, now: float) -> None:
         """Record success, store the output and release dependents, atomically."""

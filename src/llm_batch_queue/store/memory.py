@@ -25,18 +25,42 @@ from llm_batch_queue.jobs import (
     NewItem,
     Notification,
     Outcome,
+    Reservation,
     Run,
     RunCounts,
     RunStatus,
     Scope,
     StageSpec,
 )
-from llm_batch_queue.limits import Deny, ModelLimits, Usage, WindowEntry, admit, day_start
+from llm_batch_queue.limits import (
+    Deny,
+    ModelLimits,
+    Quota,
+    Usage,
+    WindowEntry,
+    admit,
+    day_start,
+    slot_time,
+    window_slot,
+)
+from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
 from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
-from llm_batch_queue.store.base import ModelState, Reservation
+from llm_batch_queue.store.base import (
+    Booking,
+    Claim,
+    Completion,
+    Denied,
+    Failure,
+    Finish,
+    ModelState,
+    Plan,
+    Postpone,
+    Used,
+)
 from llm_batch_queue.store.milestones import Milestones
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
+KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
 
 
 class MemoryStore:
@@ -48,7 +72,9 @@ class MemoryStore:
         self._jobs: dict[str, Job] = {}
         self._leases: dict[str, Lease] = {}
         self._attempts: list[Attempt] = []
-        self._ledger: dict[int, tuple[str, float, int, bool]] = {}  # id -> model, at, tokens, open
+        # the rate ledger: (model, slot) -> [requests, tokens, open requests]; (model, day) -> n
+        self._slots: dict[tuple[str, int], list[int]] = {}
+        self._days: dict[tuple[str, float], int] = {}
         self._blocks: dict[str, ModelState] = {}
         self._outbox: dict[int, Notification] = {}
         self._notify_kinds: dict[str, frozenset[str]] = {}
@@ -254,10 +280,33 @@ class MemoryStore:
         stages: Collection[str] | None = None,
         pipeline: str | None = None,
     ) -> list[ClaimedJob]:
+        return self.claim_work(
+            worker=worker,
+            now=now,
+            limit=limit,
+            lease_s=lease_s,
+            plan=lambda _job, _state: None,
+            stages=stages,
+            pipeline=pipeline,
+        ).jobs
+
+    def claim_work(
+        self,
+        *,
+        worker: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        plan: Plan,
+        stages: Collection[str] | None = None,
+        pipeline: str | None = None,
+    ) -> Claim:
         with self._lock:
-            claimed: list[ClaimedJob] = []
+            claim = Claim()
+            quotas: dict[str, Quota] = {}
+            considered = 0  # as the SQL store's LIMIT: denied and postponed jobs count too
             for job, reclaimed in self._claimable(now, stages, pipeline):
-                if len(claimed) >= limit:
+                if considered >= limit:
                     break
                 # an expiry earlier in this loop may have cancelled this job: use its current state
                 job = self._jobs[job.id]
@@ -267,18 +316,56 @@ class MemoryStore:
                     job = self._expire(job, now)
                     if job.status is JobStatus.FAILED:
                         continue
-                lease = Lease(job.id, uuid.uuid4().hex, now + lease_s)
-                self._leases[job.id] = lease
-                job = replace(job, status=JobStatus.RUNNING)
-                self._jobs[job.id] = job
+                considered += 1
                 item = self._items.get(job.item_id) if job.item_id else None
+                lease = Lease(job.id, uuid.uuid4().hex, now + lease_s)
+                running = item
                 if item is not None and item.status is ItemStatus.QUEUED:
-                    item = replace(item, status=ItemStatus.RUNNING)
-                    self._items[item.id] = item
-                claimed.append(
-                    ClaimedJob(job, lease, self._runs[job.run_id], copy.deepcopy(item), reclaimed)
+                    running = replace(item, status=ItemStatus.RUNNING)
+                candidate = ClaimedJob(
+                    replace(job, status=JobStatus.RUNNING),
+                    lease,
+                    self._runs[job.run_id],
+                    copy.deepcopy(running),
+                    reclaimed,
                 )
-            return claimed
+                booked = self._plan_and_book(candidate, plan, quotas, now)
+                if isinstance(booked, Denied):
+                    claim.denied.append(booked)
+                    if reclaimed:  # its expired lease is gone: it waits READY like the rest
+                        self._jobs[job.id] = replace(job, status=JobStatus.READY)
+                    continue
+                if isinstance(booked, Postpone):
+                    self._jobs[job.id] = replace(
+                        job, status=JobStatus.READY, next_run_at=booked.at, last_error=booked.reason
+                    )
+                    continue
+                self._leases[job.id] = lease
+                self._jobs[job.id] = candidate.job
+                if running is not None:
+                    self._items[running.id] = running
+                claim.jobs.append(replace(candidate, reservation=booked))
+            return claim
+
+    def _plan_and_book(
+        self, candidate: ClaimedJob, plan: Plan, quotas: dict[str, Quota], now: float
+    ) -> Reservation | Denied | Postpone | None:
+        """Ask the plan what to reserve; a spent day parks the model and asks again."""
+        while True:
+            wanted = plan(candidate, lambda model: self.model_state(model, now))
+            if not isinstance(wanted, Booking):
+                return wanted
+            quota = quotas.get(wanted.model)
+            if quota is None:
+                quota = quotas[wanted.model] = Quota(
+                    wanted.limits, self._usage(wanted.model, wanted.limits, now), now, admit
+                )
+            verdict = quota.book(wanted.tokens)
+            if not isinstance(verdict, Deny):
+                return self._book(wanted.model, wanted.limits, wanted.tokens, now)
+            if verdict.reason != "rpd":
+                return Denied(candidate.job, wanted.model, verdict)
+            self.block_model(wanted.model, verdict.retry_at, "day")  # the plan falls back now
 
     def _expire(self, job: Job, now: float) -> Job:
         """The owner died or stalled: count that as a failed attempt, so a job that kills its
@@ -320,6 +407,18 @@ class MemoryStore:
             self._leases[lease.job_id] = renewed
             return renewed
 
+    def heartbeat_all(
+        self, leases: Sequence[Lease], now: float, lease_s: float
+    ) -> list[Lease | None]:
+        with self._lock:
+            renewed: list[Lease | None] = []
+            for lease in leases:
+                try:
+                    renewed.append(self.heartbeat(lease, now, lease_s))
+                except LeaseLost:
+                    renewed.append(None)
+            return renewed
+
     def _check(self, lease: Lease, now: float) -> Job:
         job = self._jobs.get(lease.job_id)
         held = self._leases.get(lease.job_id)
@@ -333,6 +432,27 @@ class MemoryStore:
         return job
 
     # finishing ---------------------------------------------------------------------------------
+    def finish(self, batch: Sequence[Finish], now: float) -> list[bool]:
+        with self._lock:
+            held: list[bool] = []
+            for done in batch:
+                if done.used is not None:
+                    self._reconcile(done.used)
+                if isinstance(done, Failure) and done.block is not None:
+                    self.block_model(done.block.model, done.block.until, done.block.reason)
+                try:
+                    if isinstance(done, Completion):
+                        self.complete(done.lease, done.result, done.output, now)
+                    elif isinstance(done, Failure):
+                        self.fail(done.lease, done.result, done.outcome, now)
+                    else:
+                        self.release(done.lease, done.at, done.reason, now)
+                except LeaseLost:
+                    held.append(False)
+                else:
+                    held.append(True)
+            return held
+
     def complete(self, lease: Lease, result: AttemptResult, output: JSON, now: float) -> None:
         with self._lock:
             job = self._check(lease, now)
@@ -461,38 +581,65 @@ class MemoryStore:
         self, model: str, limits: ModelLimits, tokens: int, now: float
     ) -> Reservation | Deny:
         with self._lock:
-            since_day = day_start(now, limits.day_tz)
-            rows = [r for r in self._ledger.values() if r[0] == model]
-            usage = Usage(
-                window=[WindowEntry(at, tok) for _, at, tok, _ in rows if at > now - limits.span_s],
-                day_requests=sum(1 for _, at, _, _ in rows if at >= since_day),
-                in_flight=sum(
-                    1 for _, at, _, open_ in rows if open_ and at > now - IN_FLIGHT_TTL_S
-                ),
-                blocked_until=self._blocks[model].blocked_until if model in self._blocks else 0.0,
-            )
-            verdict = admit(limits, usage, tokens, now)
+            verdict = Quota(limits, self._usage(model, limits, now), now, admit).book(tokens)
             if isinstance(verdict, Deny):
                 return verdict
-            rid = next(self._ids)
-            self._ledger[rid] = (model, now, tokens, True)
-            self._prune(now)
-            return Reservation(rid, model, tokens, now)
+            return self._book(model, limits, tokens, now)
+
+    def _usage(self, model: str, limits: ModelLimits, now: float) -> Usage:
+        window, in_flight = [], 0
+        for (m, slot), (requests, tokens, open_) in self._slots.items():
+            if m != model:
+                continue
+            at = slot_time(slot)
+            if at > now - limits.span_s:
+                window.append(WindowEntry(at, tokens, requests))
+            if at > now - IN_FLIGHT_TTL_S:
+                in_flight += max(0, open_)
+        block = self._blocks.get(model)
+        return Usage(
+            window=window,
+            day_requests=self._days.get((model, day_start(now, limits.day_tz)), 0),
+            in_flight=in_flight,
+            blocked_until=block.blocked_until if block else 0.0,
+        )
+
+    def _book(self, model: str, limits: ModelLimits, tokens: int, now: float) -> Reservation:
+        made = Reservation(
+            model, tokens, now, window_slot(now), day_start(now, limits.day_tz), limits.day_tz
+        )
+        self._change(booked([made]))
+        self._prune(now)
+        return made
+
+    def _change(self, change: LedgerChange) -> None:
+        for key, delta in change.existing.items():
+            row = self._slots.get(key)
+            if row is not None:  # else pruned: it no longer counts anywhere
+                for i, d in enumerate(delta):
+                    row[i] += d
+        for key, delta in change.created.items():
+            row = self._slots.setdefault(key, [0, 0, 0])
+            for i, d in enumerate(delta):
+                row[i] += d
+        for day, n in change.days.items():
+            self._days[day] = self._days.get(day, 0) + n
 
     def _prune(self, now: float) -> None:
-        # the provider day is at most 25 h long; older bookings can never matter again
-        for rid in [k for k, r in self._ledger.items() if r[1] < now - 26 * 3600]:
-            del self._ledger[rid]
+        oldest = window_slot(now - IN_FLIGHT_TTL_S - 120.0)
+        for key in [k for k in self._slots if k[1] < oldest]:
+            del self._slots[key]
+        for day in [k for k in self._days if k[1] < now - KEEP_DAYS_S]:
+            del self._days[day]
 
     def reconcile(
         self, reservation: Reservation, tokens: int, sent_at: float | None = None
     ) -> None:
         with self._lock:
-            row = self._ledger.get(reservation.id)
-            if row is not None:
-                at = row[1] if sent_at is None else max(row[1], sent_at)
-                # a negative count from a broken adapter must not free quota
-                self._ledger[reservation.id] = (row[0], at, max(0, tokens), False)
+            self._reconcile(Used(reservation, tokens, sent_at))
+
+    def _reconcile(self, used: Used) -> None:
+        self._change(reconciled([used]))
 
     def block_model(self, model: str, until: float, reason: str) -> None:
         with self._lock:

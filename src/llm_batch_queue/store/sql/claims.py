@@ -12,15 +12,36 @@ runs take turns, see jobs.Job.fair_key and virtual_time), then due time and id.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, and_, case, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from llm_batch_queue.errors import LeaseLost
-from llm_batch_queue.jobs import AttemptResult, ClaimedJob, ItemStatus, Job, JobStatus, Lease
-from llm_batch_queue.store.sql import graph
+from llm_batch_queue.jobs import (
+    AttemptResult,
+    ClaimedJob,
+    ItemStatus,
+    Job,
+    JobStatus,
+    Lease,
+    Reservation,
+)
+from llm_batch_queue.limits import Admission, Deny
+from llm_batch_queue.store.base import Booking, Claim, Denied, ModelState, Plan, Postpone
+from llm_batch_queue.store.sql import graph, ledger
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import attempt_values, to_item, to_job, to_run
 from llm_batch_queue.store.sql.tables import attempts, items, jobs, runs
@@ -31,7 +52,7 @@ NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_expires_at": None, "leas
 SpecOf = Callable[[Connection, str], graph.RunSpec]
 
 
-def claim(
+def claim_work(
     conn: Connection,
     spec_of: SpecOf,
     *,
@@ -39,17 +60,27 @@ def claim(
     now: float,
     limit: int,
     lease_s: float,
+    plan: Plan,
     stages: Collection[str] | None,
     pipeline: str | None = None,
-) -> list[ClaimedJob]:
-    claimed: list[ClaimedJob] = []
+    admission: Admission | None = None,
+) -> Claim:
+    claim = Claim()
+    bookings = ledger.Bookings(conn, now, admission)
+    blocks = ledger.states(conn)
+    # after an expiry failed a job this transaction holds a run lock: from then on it must not
+    # wait for a model lock (lock order: job rows, model locks, runs, items)
+    holds_run = False
+    locked: set[str] = set()
     # jobs this call has looked at or released itself: MemoryStore picks its candidates once,
     # so neither is claimed again in the same call
     seen: set[str] = set()
-    while len(claimed) < limit:
-        rows = conn.execute(_candidates(now, stages, pipeline, seen, limit - len(claimed))).all()
+    while len(claim.jobs) < limit:
+        rows = conn.execute(_candidates(now, stages, pipeline, seen, limit - len(claim.jobs))).all()
         if not rows:
             break
+        found: list[tuple[Job, bool]] = []
+        again = False
         for row in rows:
             seen.add(row.id)
             job, reclaimed = to_job(row), row.status == JobStatus.RUNNING.value
@@ -59,10 +90,168 @@ def claim(
                     continue
                 job, released = expired
                 if job.status is JobStatus.FAILED:
+                    holds_run = True
                     seen |= released
-                    break  # the rest of this batch may have been cancelled: query again
-            claimed.append(_lease(conn, job, worker, now, lease_s, reclaimed))
-    return claimed
+                    again = True  # the rest of this batch may have been cancelled: query again
+                    break
+            found.append((job, reclaimed))
+        candidates = _candidates_in_context(conn, found, worker, now, lease_s)
+
+        def state(model: str) -> ModelState:
+            until, reason = blocks.get(model, (0.0, ""))
+            return ModelState(model, until, reason) if until > now else ModelState(model, 0.0, None)
+
+        wanted = [plan(c, state) for c in candidates]
+        first_models = sorted({w.model for w in wanted if isinstance(w, Booking)} - locked)
+        for model in first_models:  # in name order: no two claims wait for each other
+            if ledger.lock_model(conn, model, wait=not holds_run):
+                locked.add(model)
+        for candidate, want in zip(candidates, wanted, strict=True):
+            outcome = _book(conn, candidate, want, plan, state, bookings, blocks, locked, now)
+            if isinstance(outcome, Denied):
+                claim.denied.append(outcome)
+            if isinstance(outcome, Denied | Postpone | _Skip):
+                _unclaimed(conn, candidate, outcome, now)
+                continue
+            claim.jobs.append(replace(candidate, reservation=outcome))
+        if not again:
+            break
+    _write_leases(conn, claim.jobs, worker, now)
+    bookings.write()
+    return claim
+
+
+class _Skip:
+    """Left for a later claim: its fallback model's lock is held elsewhere."""
+
+
+def _book(
+    conn: Connection,
+    candidate: ClaimedJob,
+    want: Booking | Postpone | None,
+    plan: Plan,
+    state: Callable[[str], ModelState],
+    bookings: ledger.Bookings,
+    blocks: dict[str, tuple[float, str]],
+    locked: set[str],
+    now: float,
+) -> Reservation | Denied | Postpone | _Skip | None:
+    """Book what the plan wants; a spent day parks the model and asks the plan again."""
+    while isinstance(want, Booking):
+        if want.model not in locked:
+            # a fallback chosen after the name-ordered locks were taken: only if free now
+            if not ledger.lock_model(conn, want.model, wait=False):
+                return _Skip()
+            locked.add(want.model)
+        verdict = bookings.book(want.model, want.limits, want.tokens)
+        if not isinstance(verdict, Deny):
+            return verdict
+        if verdict.reason != "rpd":
+            return Denied(candidate.job, want.model, verdict)
+        ledger.block(conn, want.model, verdict.retry_at, "day")
+        blocks[want.model] = (verdict.retry_at, "day")
+        want = plan(candidate, state)
+    return want
+
+
+def _candidates_in_context(
+    conn: Connection, found: list[tuple[Job, bool]], worker: str, now: float, lease_s: float
+) -> list[ClaimedJob]:
+    """The jobs as they would be handed out: leased, with their run and item (two reads)."""
+    item_ids = [job.item_id for job, _ in found if job.item_id is not None]
+    item_rows = (
+        conn.execute(select(items).where(items.c.id.in_(item_ids))).all() if item_ids else []
+    )
+    by_item = {row.id: to_item(row) for row in item_rows}
+    run_ids = list({job.run_id for job, _ in found})
+    by_run = (
+        {row.id: to_run(row) for row in conn.execute(select(runs).where(runs.c.id.in_(run_ids)))}
+        if run_ids
+        else {}
+    )
+    out = []
+    for job, reclaimed in found:
+        item = by_item.get(job.item_id) if job.item_id is not None else None
+        if item is not None and item.status is ItemStatus.QUEUED:
+            item = replace(item, status=ItemStatus.RUNNING)
+        out.append(
+            ClaimedJob(
+                replace(job, status=JobStatus.RUNNING),
+                Lease(job.id, uuid.uuid4().hex, now + lease_s),
+                by_run[job.run_id],
+                item,
+                reclaimed,
+            )
+        )
+    return out
+
+
+def _unclaimed(
+    conn: Connection, candidate: ClaimedJob, why: Denied | Postpone | _Skip, now: float
+) -> None:
+    """A job not handed out stays as it was, except: a postponed one waits until then, and a
+    reclaimed one (whose expiry was counted) is READY again."""
+    job = candidate.job
+    if isinstance(why, Postpone):
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id)
+            .values(
+                status=JobStatus.READY.value,
+                attempts=job.attempts,
+                next_run_at=why.at,
+                last_error=why.reason,
+                updated_at=now,
+                **NO_LEASE,
+            )
+        )
+    elif candidate.reclaimed:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id)
+            .values(
+                status=JobStatus.READY.value,
+                attempts=job.attempts,
+                last_error=job.last_error,
+                updated_at=now,
+                **NO_LEASE,
+            )
+        )
+
+
+def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now: float) -> None:
+    if not claimed:
+        return
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == bindparam("b_id"))
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=bindparam("b_attempts"),
+            last_error=bindparam("b_error"),
+            lease_token=bindparam("b_token"),
+            lease_expires_at=bindparam("b_expires"),
+            leased_by=worker,
+            updated_at=now,
+        ),
+        [
+            {
+                "b_id": c.job.id,
+                "b_attempts": c.job.attempts,
+                "b_error": c.job.last_error,
+                "b_token": c.lease.token,
+                "b_expires": c.lease.expires_at,
+            }
+            for c in claimed
+        ],
+    )
+    item_ids = [c.job.item_id for c in claimed if c.job.item_id is not None]
+    if item_ids:
+        conn.execute(
+            update(items)
+            .where(items.c.id.in_(item_ids), items.c.status == ItemStatus.QUEUED.value)
+            .values(status=ItemStatus.RUNNING.value)
+        )
 
 
 def _candidates(
@@ -100,35 +289,6 @@ def virtual_time(conn: Connection, pipeline: str, now: float) -> float:
         )
     ).scalar()
     return 0.0 if value is None else float(value)
-
-
-def _lease(
-    conn: Connection, job: Job, worker: str, now: float, lease_s: float, reclaimed: bool
-) -> ClaimedJob:
-    lease = Lease(job.id, uuid.uuid4().hex, now + lease_s)
-    conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job.id)
-        .values(
-            status=JobStatus.RUNNING.value,
-            attempts=job.attempts,
-            last_error=job.last_error,
-            lease_token=lease.token,
-            lease_expires_at=lease.expires_at,
-            leased_by=worker,
-            updated_at=now,
-        )
-    )
-    item = None
-    if job.item_id is not None:
-        conn.execute(
-            update(items)
-            .where(items.c.id == job.item_id, items.c.status == ItemStatus.QUEUED.value)
-            .values(status=ItemStatus.RUNNING.value)
-        )
-        item = to_item(conn.execute(select(items).where(items.c.id == job.item_id)).one())
-    run = to_run(conn.execute(select(runs).where(runs.c.id == job.run_id)).one())
-    return ClaimedJob(replace(job, status=JobStatus.RUNNING), lease, run, item, reclaimed)
 
 
 def _expire(
@@ -232,6 +392,38 @@ def leased_update(conn: Connection, lease: Lease, **values: Any) -> None:
 def heartbeat(conn: Connection, lease: Lease, now: float, lease_s: float) -> Lease:
     renewed = replace(lease, expires_at=now + lease_s)
     leased_update(conn, lease, lease_expires_at=renewed.expires_at, updated_at=now)
+    return renewed
+
+
+def heartbeat_all(
+    conn: Connection, leases: Sequence[Lease], now: float, lease_s: float
+) -> list[Lease | None]:
+    """Renew every lease still held, in two statements whatever their number."""
+    if not leases:
+        return []
+    held = {
+        (job_id, token)
+        for job_id, token in conn.execute(
+            select(jobs.c.id, jobs.c.lease_token)
+            .where(
+                jobs.c.id.in_(sorted({lease.job_id for lease in leases})),
+                jobs.c.status == JobStatus.RUNNING.value,
+            )
+            .order_by(jobs.c.id)
+            .with_for_update()
+        )
+    }
+    renewed = [
+        replace(lease, expires_at=now + lease_s) if (lease.job_id, lease.token) in held else None
+        for lease in leases
+    ]
+    ids = [lease.job_id for lease in renewed if lease is not None]
+    if ids:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(ids))
+            .values(lease_expires_at=now + lease_s, updated_at=now)
+        )
     return renewed
 
 

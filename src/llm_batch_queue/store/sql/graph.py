@@ -9,10 +9,10 @@ produce.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 
-from sqlalchemy import ColumnElement, Connection, func, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, func, select, update
 
 from llm_batch_queue import transitions
 from llm_batch_queue.jobs import ItemStatus, JobStatus, RunCounts, RunStatus, Scope, StageSpec
@@ -55,6 +55,16 @@ def counts(conn: Connection, run_id: str) -> RunCounts:
     return result
 
 
+@dataclass
+class Touched:
+    """What settled in one run in one transaction: jobs of these items and stages, or of the
+    run's own stages."""
+
+    items: set[str] = field(default_factory=set)
+    stages: set[str] = field(default_factory=set)
+    run_jobs: bool = False
+
+
 def after_settle(
     conn: Connection,
     run_id: str,
@@ -63,44 +73,102 @@ def after_settle(
     now: float,
     changed: Collection[str] | None = None,
 ) -> set[str]:
-    """Advance the item (if any) and the run; returns the ids of jobs made READY.
+    """Advance the item (if any) and the run after one job settled (see `settle`)."""
+    touched = Touched(
+        items={item_id} if item_id is not None else set(),
+        stages=set(changed) if changed is not None else set(spec.stages),
+        run_jobs=item_id is None,
+    )
+    return settle(conn, lambda _conn, _run: spec, {run_id: touched}, now)
 
-    `changed` names the stages whose jobs just settled (None: check every stage). Only the stages
-    that changed are checked for milestones, and the run only when an item settled, so the cost
-    per completion does not grow with the size of the run.
+
+def settle(
+    conn: Connection,
+    spec_of: Callable[[Connection, str], RunSpec],
+    touched: Mapping[str, Touched],
+    now: float,
+) -> set[str]:
+    """Advance the items and runs whose jobs just settled; returns the ids of jobs made READY.
+
+    The callers hold the runs' locks. A whole batch costs a fixed number of statements: one read
+    of the items' jobs and one of the items, then the changes. Only the stages that changed are
+    checked for milestones, and a run only when one of its items (or run jobs) settled, so the
+    cost does not grow with the size of the run.
     """
+    item_ids = sorted(set().union(*(t.items for t in touched.values())))
+    cancelled: dict[str, set[str]] = {run_id: set() for run_id in touched}
+    settled_runs = {run_id for run_id, t in touched.items() if t.run_jobs or not t.items}
     released: set[str] = set()
-    item_settled = True
-    if item_id is not None:
-        ready, item_settled, touched = _settle_item(conn, run_id, item_id, spec, now)
-        released |= ready
-        stages = touched | (set(changed) if changed is not None else set(spec.stages))
-        _stage_milestones(conn, run_id, spec, stages, now)
-    if item_settled:
-        released |= advance_run(conn, run_id, spec, now)
+    if item_ids:
+        siblings = _load_items(conn, item_ids)
+        rows = conn.execute(select(items).where(items.c.id.in_(item_ids))).all()
+        ready: list[str] = []
+        cancel: list[str] = []
+        changed_items: list[dict[str, object]] = []
+        for item in sorted((to_item(r) for r in rows), key=lambda i: i.id):
+            spec = spec_of(conn, item.run_id)
+            found = siblings[item.id]
+            step = transitions.item_step(spec.stages, {s: st for s, (_, st) in found.items()})
+            ready += [found[s][0] for s in step.ready]
+            cancel += [found[s][0] for s in step.cancel]
+            cancelled[item.run_id] |= set(step.cancel)
+            statuses = _after(step, found)
+            status = transitions.item_status(statuses)
+            failures = item.failures
+            if status is ItemStatus.NEEDS_REUPLOAD and item.status is not status:
+                failures += 1
+                milestones(conn, item.run_id, spec).item_failed(
+                    replace(item, failures=failures), now
+                )
+            if status is not item.status or failures != item.failures:
+                changed_items.append({"b_id": item.id, "b_status": status.value, "b_f": failures})
+            if all(st.settled for st in statuses.values()):
+                settled_runs.add(item.run_id)
+        released |= _mark(conn, ready, JobStatus.READY, now)
+        _mark(conn, cancel, JobStatus.CANCELLED, now)
+        if changed_items:
+            conn.execute(
+                update(items)
+                .where(items.c.id == bindparam("b_id"))
+                .values(status=bindparam("b_status"), failures=bindparam("b_f")),
+                changed_items,
+            )
+    for run_id in sorted(touched):
+        spec = spec_of(conn, run_id)
+        if touched[run_id].items:
+            _stage_milestones(conn, run_id, spec, touched[run_id].stages | cancelled[run_id], now)
+        if run_id in settled_runs:
+            released |= advance_run(conn, run_id, spec, now)
     return released
 
 
-def _settle_item(
-    conn: Connection, run_id: str, item_id: str, spec: RunSpec, now: float
-) -> tuple[set[str], bool, set[str]]:
-    siblings = _load(conn, jobs.c.item_id == item_id)
-    step = transitions.item_step(spec.stages, {s: st for s, (_, st) in siblings.items()})
-    released = _apply(conn, step, siblings, now)
-    statuses = _after(step, siblings)
-    row = conn.execute(select(items).where(items.c.id == item_id)).one()
-    item = to_item(row)
-    status = transitions.item_status(statuses)
-    if status is ItemStatus.NEEDS_REUPLOAD and item.status is not status:
-        item = replace(item, failures=item.failures + 1)
-        milestones(conn, run_id, spec).item_failed(item, now)
-    if status is not item.status or item.failures != to_item(row).failures:
-        conn.execute(
-            update(items)
-            .where(items.c.id == item_id)
-            .values(status=status.value, failures=item.failures)
-        )
-    return released, all(st.settled for st in statuses.values()), set(step.cancel)
+def _load_items(
+    conn: Connection, item_ids: list[str]
+) -> dict[str, dict[str, tuple[str, JobStatus]]]:
+    """Per item: stage -> (job id, status), in creation order; open jobs locked first."""
+    conn.execute(
+        select(jobs.c.id)
+        .where(jobs.c.item_id.in_(item_ids), jobs.c.status.in_(_OPEN))
+        .order_by(jobs.c.id)
+        .with_for_update()
+    ).all()
+    found: dict[str, dict[str, tuple[str, JobStatus]]] = {i: {} for i in item_ids}
+    for item_id, stage, job_id, status in conn.execute(
+        select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
+        .where(jobs.c.item_id.in_(item_ids))
+        .order_by(jobs.c.position)
+    ):
+        found[item_id][stage] = (job_id, JobStatus(status))
+    return found
+
+
+def _mark(conn: Connection, ids: list[str], status: JobStatus, now: float) -> set[str]:
+    if ids:
+        values: dict[str, object] = {"status": status.value, "updated_at": now}
+        if status is JobStatus.READY:
+            values["next_run_at"] = now
+        conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(values))
+    return set(ids)
 
 
 def _stage_milestones(

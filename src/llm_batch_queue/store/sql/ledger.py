@@ -1,84 +1,196 @@
-"""The rate ledger: one row per booked request, read and written in one locked transaction.
+"""The rate ledger: requests and tokens per model and window slot, and requests per provider day.
 
-`reserve` reads the model's bookings, asks the pure `limits.admit` policy, and books — all while
-holding a per-model lock (an advisory lock on PostgreSQL, the database write lock taken by
-BEGIN IMMEDIATE on SQLite), so two processes can never both see the last free slot (D-1).
+Admission reads a model's slots, asks the pure policy (`limits.Quota`) and books — all while
+holding a per-model lock (an advisory lock on PostgreSQL, the database write lock taken by BEGIN
+IMMEDIATE on SQLite), so two processes can never both see the last free slot (D-1). A claim books
+all its jobs on a model with one write; reconciliation adds what the calls really used.
+
+Lock order, with claims.py and outcomes.py: job rows, then these model locks (sorted by name),
+then run rows, then items and open jobs.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, delete, func, select, update
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from llm_batch_queue.limits import Deny, ModelLimits, Usage, WindowEntry, admit, day_start
-from llm_batch_queue.store.base import ModelState, Reservation
-from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
-from llm_batch_queue.store.sql.locks import advisory_lock
-from llm_batch_queue.store.sql.tables import model_state, rate_ledger
+from llm_batch_queue.jobs import Reservation
+from llm_batch_queue.limits import (
+    Admission,
+    Deny,
+    ModelLimits,
+    Quota,
+    Usage,
+    Verdict,
+    WindowEntry,
+    day_start,
+    slot_time,
+    window_slot,
+)
+from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
+from llm_batch_queue.store.base import ModelState, Used
+from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S, KEEP_DAYS_S
+from llm_batch_queue.store.sql.locks import advisory_lock, try_advisory_lock
+from llm_batch_queue.store.sql.tables import model_state, rate_days, rate_slots
 
-KEEP_S = 26 * 3600.0  # the provider day is at most 25 h long; older bookings never matter again
-PRUNE_EVERY = 64  # prune on every n-th booking: cheap, and the ledger stays small
+PRUNE_ODDS = 1 / 64  # prune on about one booking write in 64: cheap, and the ledger stays small
 
 
-def reserve(
-    conn: Connection, model: str, limits: ModelLimits, tokens: int, now: float
-) -> Reservation | Deny:
-    advisory_lock(conn, f"lbq:rate:{model}")
-    verdict = admit(limits, usage(conn, model, limits, now), tokens, now)
-    if isinstance(verdict, Deny):
-        return verdict
-    booked = conn.execute(
-        rate_ledger.insert()
-        .values(model=model, at=now, tokens=tokens, open=True)
-        .returning(rate_ledger.c.id)
-    ).scalar_one()
-    if booked % PRUNE_EVERY == 0:
-        conn.execute(delete(rate_ledger).where(rate_ledger.c.at < now - KEEP_S))
-    return Reservation(booked, model, tokens, now)
+def lock_model(conn: Connection, model: str, *, wait: bool = True) -> bool:
+    name = f"lbq:rate:{model}"
+    if wait:
+        advisory_lock(conn, name)
+        return True
+    return try_advisory_lock(conn, name)
 
 
 def usage(conn: Connection, model: str, limits: ModelLimits, now: float) -> Usage:
-    ledger = rate_ledger.c
+    s = rate_slots.c
     window = conn.execute(
-        select(ledger.at, ledger.tokens).where(
-            ledger.model == model, ledger.at > now - limits.span_s
+        select(s.slot, s.tokens, s.requests).where(
+            s.model == model, s.slot >= window_slot(now - limits.span_s)
         )
     )
-    since_day = day_start(now, limits.day_tz)
-    day_requests, in_flight = conn.execute(
-        select(
-            func.count().filter(ledger.at >= since_day),
-            func.count().filter(ledger.open, ledger.at > now - IN_FLIGHT_TTL_S),
-        ).where(ledger.model == model, ledger.at >= min(since_day, now - IN_FLIGHT_TTL_S))
-    ).one()
-    blocked = conn.execute(
-        select(model_state.c.blocked_until).where(model_state.c.model == model)
-    ).scalar_one_or_none()
+    in_flight = (
+        select(func.coalesce(func.sum(s.open), 0))
+        .where(s.model == model, s.slot > window_slot(now - IN_FLIGHT_TTL_S), s.open > 0)
+        .scalar_subquery()
+    )
+    day = (
+        select(rate_days.c.requests)
+        .where(rate_days.c.model == model, rate_days.c.day == day_start(now, limits.day_tz))
+        .scalar_subquery()
+    )
+    blocked = (
+        select(model_state.c.blocked_until).where(model_state.c.model == model).scalar_subquery()
+    )
+    flying, today, until = conn.execute(select(in_flight, day, blocked)).one()
     return Usage(
-        window=[WindowEntry(at, tok) for at, tok in window],
-        day_requests=day_requests,
-        in_flight=in_flight,
-        blocked_until=blocked or 0.0,
+        window=[WindowEntry(slot_time(slot), tokens, n) for slot, tokens, n in window],
+        day_requests=today or 0,
+        in_flight=max(0, flying or 0),
+        blocked_until=until or 0.0,
     )
 
 
-def reconcile(
-    conn: Connection, reservation: Reservation, tokens: int, sent_at: float | None
-) -> None:
-    values: dict[str, object] = {"tokens": max(0, tokens), "open": False}  # < 0 frees nothing
-    if sent_at is not None and sent_at > reservation.at:
-        values["at"] = sent_at  # the booking is only ever moved later (see Store.reconcile)
-    if "at" in values or tokens > reservation.tokens:
-        # it takes quota: not in the middle of another process's admission decision
-        advisory_lock(conn, f"lbq:rate:{reservation.model}")
-    conn.execute(update(rate_ledger).where(rate_ledger.c.id == reservation.id).values(values))
+@dataclass
+class Bookings:
+    """One transaction's admissions; written with one upsert per model and slot (`write`)."""
+
+    conn: Connection
+    now: float
+    admission: Admission | None = None
+    quotas: dict[str, Quota] = field(default_factory=dict)
+    made: list[Reservation] = field(default_factory=list)
+
+    def book(self, model: str, limits: ModelLimits, tokens: int) -> Reservation | Deny:
+        """The caller holds the model's lock (lock_model)."""
+        quota = self.quotas.get(model)
+        if quota is None:
+            usage_now = usage(self.conn, model, limits, self.now)
+            quota = self.quotas[model] = Quota(limits, usage_now, self.now, self.admission)
+        verdict: Verdict = quota.book(tokens)
+        if isinstance(verdict, Deny):
+            return verdict
+        now = self.now
+        made = Reservation(
+            model, tokens, now, window_slot(now), day_start(now, limits.day_tz), limits.day_tz
+        )
+        self.made.append(made)
+        return made
+
+    def write(self) -> None:
+        apply(self.conn, booked(self.made))
+        if self.made and random.random() < PRUNE_ODDS:
+            prune(self.conn, self.now)
+
+
+def reserve(
+    conn: Connection,
+    model: str,
+    limits: ModelLimits,
+    tokens: int,
+    now: float,
+    admission: Admission | None = None,
+) -> Reservation | Deny:
+    lock_model(conn, model)
+    bookings = Bookings(conn, now, admission)
+    verdict = bookings.book(model, limits, tokens)
+    bookings.write()
+    return verdict
+
+
+def reconcile(conn: Connection, used: Sequence[Used]) -> None:
+    """Replace estimates with what the provider counted (see _ledger.reconciled)."""
+    change = reconciled(used)
+    for model in sorted(change.models):
+        # it may take quota (a charge, a later slot): not in the middle of an admission
+        lock_model(conn, model)
+    apply(conn, change)
+
+
+def apply(conn: Connection, change: LedgerChange) -> None:
+    s = rate_slots.c
+    if change.existing:
+        conn.execute(
+            update(rate_slots)
+            .where(s.model == bindparam("m"), s.slot == bindparam("s"))
+            .values(
+                requests=s.requests + bindparam("dr"),
+                tokens=s.tokens + bindparam("dt"),
+                open=s.open + bindparam("do"),
+            ),
+            [
+                {"m": m, "s": slot, "dr": r, "dt": t, "do": o}
+                for (m, slot), (r, t, o) in change.existing.items()
+            ],
+        )
+    if change.created:
+        insert = _upsert(conn, rate_slots)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[s.model, s.slot],
+                set_={
+                    "requests": s.requests + insert.excluded.requests,
+                    "tokens": s.tokens + insert.excluded.tokens,
+                    "open": s.open + insert.excluded.open,
+                },
+            ),
+            [
+                {"model": m, "slot": slot, "requests": r, "tokens": t, "open": o}
+                for (m, slot), (r, t, o) in change.created.items()
+            ],
+        )
+    days = [{"model": m, "day": d, "requests": n} for (m, d), n in change.days.items() if n]
+    if days:
+        insert = _upsert(conn, rate_days)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[rate_days.c.model, rate_days.c.day],
+                set_={"requests": rate_days.c.requests + insert.excluded.requests},
+            ),
+            days,
+        )
+
+
+def _upsert(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def prune(conn: Connection, now: float) -> None:
+    conn.execute(
+        delete(rate_slots).where(rate_slots.c.slot < window_slot(now - IN_FLIGHT_TTL_S - 120.0))
+    )
+    conn.execute(delete(rate_days).where(rate_days.c.day < now - KEEP_DAYS_S))
 
 
 def block(conn: Connection, model: str, until: float, reason: str) -> None:
     """Upsert that only ever moves blocked_until later (a shorter cool-down never shortens)."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(
-        model_state
-    )
+    insert = _upsert(conn, model_state)
     conn.execute(
         insert.values(model=model, blocked_until=until, reason=reason).on_conflict_do_update(
             index_elements=[model_state.c.model],
@@ -93,3 +205,11 @@ def state(conn: Connection, model: str, now: float) -> ModelState:
     if row is None or row.blocked_until <= now:
         return ModelState(model, 0.0, None)
     return ModelState(model, row.blocked_until, row.reason)
+
+
+def states(conn: Connection, models: Iterable[str] | None = None) -> dict[str, tuple[float, str]]:
+    """Every model's block (until, reason), in one read: a claim looks up many."""
+    query = select(model_state.c.model, model_state.c.blocked_until, model_state.c.reason)
+    if models is not None:
+        query = query.where(model_state.c.model.in_(list(models)))
+    return {m: (until, reason or "") for m, until, reason in conn.execute(query)}

@@ -41,3 +41,10 @@ def lock_run(conn: Connection, run_id: str, *, wait: bool = True) -> bool:
         .with_for_update(key_share=True, skip_locked=not wait)
     )
     return conn.execute(query).first() is not None
+
+
+def try_advisory_lock(conn: Connection, name: str) -> bool:
+    """Like advisory_lock, but False at once if another transaction holds it."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(conn.execute(select(func.pg_try_advisory_xact_lock(advisory_key(name)))).scalar())

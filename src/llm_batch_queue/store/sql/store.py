@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
+from llm_batch_queue.errors import LeaseLost
 from llm_batch_queue.jobs import (
     JSON,
     Attempt,
@@ -30,6 +31,7 @@ from llm_batch_queue.jobs import (
     NewItem,
     Notification,
     Outcome,
+    Reservation,
     Run,
     RunCounts,
     RunStatus,
@@ -37,7 +39,16 @@ from llm_batch_queue.jobs import (
     StageSpec,
 )
 from llm_batch_queue.limits import Deny, ModelLimits
-from llm_batch_queue.store.base import ModelState, Reservation
+from llm_batch_queue.store.base import (
+    Claim,
+    Completion,
+    Failure,
+    Finish,
+    ModelState,
+    Plan,
+    Release,
+    Used,
+)
 from llm_batch_queue.store.sql import admin, claims, graph, ledger, outbox, outcomes, schema
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
 from llm_batch_queue.store.sql.rows import (
@@ -232,14 +243,36 @@ class SQLStore:
         stages: Collection[str] | None = None,
         pipeline: str | None = None,
     ) -> list[ClaimedJob]:
+        return self.claim_work(
+            worker=worker,
+            now=now,
+            limit=limit,
+            lease_s=lease_s,
+            plan=lambda _job, _state: None,
+            stages=stages,
+            pipeline=pipeline,
+        ).jobs
+
+    def claim_work(
+        self,
+        *,
+        worker: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        plan: Plan,
+        stages: Collection[str] | None = None,
+        pipeline: str | None = None,
+    ) -> Claim:
         with self._tx(write=True) as conn:
-            return claims.claim(
+            return claims.claim_work(
                 conn,
                 self._spec,
                 worker=worker,
                 now=now,
                 limit=limit,
                 lease_s=lease_s,
+                plan=plan,
                 stages=stages,
                 pipeline=pipeline,
             )
@@ -251,20 +284,35 @@ class SQLStore:
             return claims.next_due(conn, stages, pipeline)
 
     def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease:
+        (renewed,) = self.heartbeat_all([lease], now, lease_s)
+        if renewed is None:
+            raise LeaseLost(f"job {lease.job_id} is no longer leased to this worker")
+        return renewed
+
+    def heartbeat_all(
+        self, leases: Sequence[Lease], now: float, lease_s: float
+    ) -> list[Lease | None]:
         with self._tx(write=True) as conn:
-            return claims.heartbeat(conn, lease, now, lease_s)
+            return claims.heartbeat_all(conn, leases, now, lease_s)
+
+    def finish(self, batch: Sequence[Finish], now: float) -> list[bool]:
+        if not batch:
+            return []
+        with self._tx(write=True) as conn:
+            return outcomes.finish(conn, self._spec, batch, now)
+
+    def _finish_one(self, done: Finish, now: float) -> None:
+        if not self.finish([done], now)[0]:
+            raise LeaseLost(f"job {done.lease.job_id} is no longer leased to this worker")
 
     def complete(self, lease: Lease, result: AttemptResult, output: JSON, now: float) -> None:
-        with self._tx(write=True) as conn:
-            outcomes.complete(conn, self._spec, lease, result, output, now)
+        self._finish_one(Completion(lease, result, output), now)
 
     def fail(self, lease: Lease, result: AttemptResult, outcome: Outcome, now: float) -> None:
-        with self._tx(write=True) as conn:
-            outcomes.fail(conn, self._spec, lease, result, outcome, now)
+        self._finish_one(Failure(lease, result, outcome), now)
 
     def release(self, lease: Lease, at: float, reason: str, now: float) -> None:
-        with self._tx(write=True) as conn:
-            outcomes.release(conn, lease, at, reason, now)
+        self._finish_one(Release(lease, at, reason), now)
 
     # rate ledger --------------------------------------------------------------------------------
     def reserve(
@@ -277,7 +325,7 @@ class SQLStore:
         self, reservation: Reservation, tokens: int, sent_at: float | None = None
     ) -> None:
         with self._tx(write=True) as conn:
-            ledger.reconcile(conn, reservation, tokens, sent_at)
+            ledger.reconcile(conn, [Used(reservation, tokens, sent_at)])
 
     def block_model(self, model: str, until: float, reason: str) -> None:
         with self._tx(write=True) as conn:

@@ -131,15 +131,24 @@ attempts = Table(
     Index(None, "job_id"),
 )
 
-rate_ledger = Table(
-    "lbq_rate_ledger",
+# the rate ledger (limits.py): requests and input tokens booked per model and 0.1-s window slot,
+# with those not yet reconciled (open); and requests per model and provider day
+rate_slots = Table(
+    "lbq_rate_slots",
     metadata,
-    Column("id", Serial, primary_key=True, autoincrement=True),
-    Column("model", String(200), nullable=False),
-    Column("at", Time, nullable=False),
-    Column("tokens", Integer, nullable=False),
-    Column("open", Boolean, nullable=False),
-    Index(None, "model", "at"),
+    Column("model", String(200), primary_key=True),
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("requests", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("open", Integer, nullable=False),
+)
+
+rate_days = Table(
+    "lbq_rate_days",
+    metadata,
+    Column("model", String(200), primary_key=True),
+    Column("day", Time, primary_key=True),  # the provider day's first instant
+    Column("requests", Integer, nullable=False),
 )
 
 model_state = Table(
