@@ -1,20 +1,27 @@
-"""The dispatcher: claims jobs, reserves quota, calls models, records outcomes (anyio).
+"""The dispatcher: claims jobs with their quota, calls models, records outcomes (anyio).
 
 One Dispatcher drives many jobs at once (LLM calls take seconds). Several dispatchers, in one
 process or many, can share a Store: claims, leases and rate bookings are the Store's job.
+
+Per job the store sees two transactions: the claim, which books the model call's quota in the
+same transaction (Store.claim_work), and the finish, which records the attempt, stores the output,
+reconciles the quota and releases dependents (Store.finish). Finishes that arrive while one is
+being written are written together (group commit); one heartbeat renews every lease in flight.
+With a store that does I/O, these run in worker threads so the event loop keeps sending.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import random
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
 
@@ -25,18 +32,42 @@ from llm_batch_queue.errors import (
     CallError,
     ConfigError,
     ErrorKind,
-    LeaseLost,
     PermanentError,
     RateLimited,
     RequestTooLarge,
     TransientError,
 )
 from llm_batch_queue.estimator import TokenEstimator
-from llm_batch_queue.jobs import JSON, AttemptResult, ClaimedJob, GiveUp, Lease, Retry, RunStatus
+from llm_batch_queue.jobs import (
+    JSON,
+    AttemptResult,
+    ClaimedJob,
+    GiveUp,
+    Lease,
+    Reservation,
+    Retry,
+    RunStatus,
+    Scope,
+)
 from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.pipeline import ModelStage, Pipeline, StageContext, TaskStage
-from llm_batch_queue.retry import RetryPolicy, decide
-from llm_batch_queue.store.base import Reservation, Store
+from llm_batch_queue.retry import ModelBlock, RetryPolicy, decide
+from llm_batch_queue.store.base import (
+    Booking,
+    Completion,
+    Denied,
+    Failure,
+    Finish,
+    ModelState,
+    Postpone,
+    Release,
+    Store,
+    Used,
+)
+from llm_batch_queue.store.memory import MemoryStore
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class HandlerError(CallError):
@@ -57,14 +88,19 @@ class DispatcherSettings:
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
     idle_poll_s: float = 1.0
-    # jobs claimed per turn of the loop, each turn letting them reserve and send before the
-    # next: ModelLimits.window_margin_s must cover the time from a booking to its request
-    # reaching the provider, and the other new jobs' database work runs in between
+    # jobs claimed per turn of the loop, each turn letting them send before the next: a
+    # booking is made when it is claimed, and ModelLimits.window_margin_s must cover the time
+    # from then to the request reaching the provider
     claim_batch: int = 4
     job_timeout_s: float = 900.0  # a stage (model call or task) running longer is failed
     # reserve what the adapter's count_tokens says (one more request per new prompt, cached)
-    # instead of a length-based estimate; falls back to the estimate when it answers None/fails
+    # instead of a length-based estimate; falls back to the estimate when it answers None/fails.
+    # The count needs a call between claim and booking, so these bookings are a transaction of
+    # their own rather than part of the claim
     count_tokens: bool = False
+    # run store calls in worker threads (None: unless the store is a MemoryStore), so that a
+    # transaction in progress never holds up the requests of other jobs
+    store_in_thread: bool | None = None
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
@@ -91,6 +127,27 @@ class DispatchStats:
     fallbacks: int = 0
     leases_lost: int = 0
     store_errors: int = 0  # failures that could not even be recorded (the store was down)
+    finish_batches: int = 0  # transactions that finished jobs (several jobs each under load)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A model call planned while its job was claimed: the model, the request, its booking."""
+
+    model_index: int
+    request: ModelRequest
+    text: str  # what the estimate was made from
+    counted: int | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A finish waiting to be written, and what became of it."""
+
+    finish: Finish
+    written: anyio.Event = field(default_factory=anyio.Event)
+    held: bool = False
+    error: BaseException | None = None
 
 
 class Dispatcher:
@@ -120,13 +177,24 @@ class Dispatcher:
         self._outbox = outbox
         self._rng = rng or random.Random()
         self._estimator = TokenEstimator()
+        threaded = self.settings.store_in_thread
+        self._threaded = not isinstance(store, MemoryStore) if threaded is None else threaded
+        self._db_threads = anyio.CapacityLimiter(4)
         # local hint: no quota for this stage until (time, the denial's reason)
         self._stage_hold: dict[str, tuple[float, str]] = {}
         self._counted: dict[tuple[str, bytes], int] = {}  # count_tokens answers, by prompt
+        self._prepared: dict[str, _Prepared] = {}  # by job id, from the claim's plan
         self._claim_batch = self.settings.claim_batch  # jobs to claim per turn (see _loop)
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._wake = anyio.Event()
+        self._pending: list[_Pending] = []
+        self._flush_wake = anyio.Event()
+        self._drain_wake = anyio.Event()
+        # jobs in flight, for the heartbeat: lease (renewed in place), stage, cancel scope
+        self._live: dict[str, tuple[list[Lease], str, anyio.CancelScope]] = {}
+        self._planned: list[str] = []  # job ids the current claim's plan prepared
+        self._local_blocks: dict[str, float] = {}  # model -> until, from 429s seen here
 
     # public loops -------------------------------------------------------------------------------
     async def run_once(
@@ -156,6 +224,17 @@ class Dispatcher:
     async def run_forever(self, stop: anyio.Event) -> DispatchStats:
         return await self._loop(deadline=None, max_jobs=None, wait_for_future=True, stop=stop)
 
+    def wake(self) -> None:
+        """Look for work now (e.g. the store announced new jobs) instead of at the next poll."""
+        self._wake.set()
+
+    async def _db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A store call, in a worker thread if the store does I/O (see DispatcherSettings)."""
+        if not self._threaded:
+            return call(*args, **kwargs)
+        bound = functools.partial(call, *args, **kwargs)
+        return await anyio.to_thread.run_sync(bound, limiter=self._db_threads)
+
     async def _loop(
         self,
         *,
@@ -166,83 +245,112 @@ class Dispatcher:
         stop: anyio.Event | None = None,
         run_id: str | None = None,
     ) -> DispatchStats:
-        started = 0
-        async with anyio.create_task_group() as tg:
-            while True:
-                if stop is not None and stop.is_set():
-                    break
-                if run_id is not None and self._finished(run_id):
-                    if self._in_flight == 0:
-                        break
-                    await self._wait(None)  # claim nothing more; let in-flight jobs finish
-                    continue
-                now = self.clock.now()
-                budget_left = deadline is None or now < deadline
-                room = self.settings.concurrency - self._in_flight
-                room = min(room, self._claim_batch)
-                if max_jobs is not None:
-                    room = min(room, max_jobs - started)
-                claimed: list[ClaimedJob] = []
-                if budget_left and room > 0:
-                    claimed = self.store.claim(
-                        worker=self.settings.worker_id,
-                        now=now,
-                        limit=room,
-                        lease_s=self.settings.lease_s,
-                        stages=self._claimable_stages(now),
-                        pipeline=self.pipeline.name,
-                    )
-                for job in claimed:
-                    started += 1
-                    self._in_flight += 1
-                    self.stats.claimed += 1
-                    tg.start_soon(self._run_job, job)
-                await self._drain_outbox()
-                if claimed:
-                    # let the new jobs reserve and send before claiming more: a reservation is
-                    # booked at the time it is made, and every other job's database work that
-                    # runs before its request leaves delays the request past that time
-                    await anyio.lowlevel.checkpoint()
-                    continue
-                out_of_jobs = max_jobs is not None and started >= max_jobs
-                if not budget_left or out_of_jobs:
-                    if self._in_flight == 0:
-                        break
-                    await self._wait(None)
-                    continue
-                due = self._next_due(now)
-                if self._in_flight == 0:
-                    if due is None:
-                        break
-                    if not wait_for_future and due > now:
-                        break
-                    if max_wait_s is not None and due - now > max_wait_s:
-                        break
-                await self._wait(due)
-        await self._drain_outbox()
+        async with anyio.create_task_group() as background:
+            background.start_soon(self._flusher)
+            background.start_soon(self._heartbeats)
+            background.start_soon(self._drainer)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await self._claim_loop(tg, deadline, max_jobs, wait_for_future,
+                                           max_wait_s, stop, run_id)  # fmt: skip
+            finally:
+                background.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._drain_outbox()
         return self.stats
 
-    def _finished(self, run_id: str) -> bool:
-        return self.store.get_run(run_id).status is not RunStatus.RUNNING
+    async def _claim_loop(
+        self,
+        tg: anyio.abc.TaskGroup,
+        deadline: float | None,
+        max_jobs: int | None,
+        wait_for_future: bool,
+        max_wait_s: float | None,
+        stop: anyio.Event | None,
+        run_id: str | None,
+    ) -> None:
+        started = 0
+        while True:
+            if stop is not None and stop.is_set():
+                return  # the task group lets the jobs in flight finish
+            if run_id is not None and await self._finished(run_id):
+                if self._in_flight == 0:
+                    return
+                await self._wait(None)  # claim nothing more; let in-flight jobs finish
+                continue
+            now = self.clock.now()
+            budget_left = deadline is None or now < deadline
+            room = min(self.settings.concurrency - self._in_flight, self._claim_batch)
+            if max_jobs is not None:
+                room = min(room, max_jobs - started)
+            claimed: list[ClaimedJob] = []
+            if budget_left and room > 0:
+                claim = await self._db(
+                    self.store.claim_work,
+                    worker=self.settings.worker_id,
+                    now=now,
+                    limit=room,
+                    lease_s=self.settings.lease_s,
+                    plan=self._plan,
+                    stages=self._claimable_stages(now),
+                    pipeline=self.pipeline.name,
+                )
+                claimed = claim.jobs
+                for denied in claim.denied:
+                    self._denied(denied)
+                taken = {c.job.id for c in claimed}
+                for job_id in self._planned:  # planned, then not handed out
+                    if job_id not in taken:
+                        self._prepared.pop(job_id, None)
+                self._planned.clear()
+            for job in claimed:
+                started += 1
+                self._in_flight += 1
+                self.stats.claimed += 1
+                tg.start_soon(self._run_job, job)
+            if claimed:
+                # let the new jobs send before claiming more: their quota was booked at the
+                # claim, and the provider counts a request from when it arrives
+                await anyio.lowlevel.checkpoint()
+                continue
+            out_of_jobs = max_jobs is not None and started >= max_jobs
+            if not budget_left or out_of_jobs:
+                if self._in_flight == 0:
+                    return
+                await self._wait(None)
+                continue
+            due = await self._next_due(now)
+            if self._in_flight == 0:
+                if due is None:
+                    return
+                if not wait_for_future and due > now:
+                    return
+                if max_wait_s is not None and due - now > max_wait_s:
+                    return
+            await self._wait(due)
+
+    async def _finished(self, run_id: str) -> bool:
+        run = await self._db(self.store.get_run, run_id)
+        return run.status is not RunStatus.RUNNING
 
     async def _wait(self, due: float | None) -> None:
         now = self.clock.now()
         timeout = self.settings.idle_poll_s
         if due is not None:
             timeout = max(0.0, min(timeout, due - now))
-        if self._in_flight == 0:
-            await self.clock.sleep(timeout)
+        if self._in_flight == 0 and not isinstance(self.clock, SystemClock):
+            await self.clock.sleep(timeout)  # a FakeClock moves instead of waiting
             return
         self._wake = anyio.Event()
         with anyio.move_on_after(timeout):
             await self._wake.wait()
 
-    def _next_due(self, now: float) -> float | None:
+    async def _next_due(self, now: float) -> float | None:
         """The next moment a claim could succeed, counting local holds on stages."""
         stages = self._claimable_stages(now)
-        due = self.store.next_due(stages, self.pipeline.name)
+        due = await self._db(self.store.next_due, stages, self.pipeline.name)
         holds = [until for until, _ in self._stage_hold.values() if until > now]
-        if holds and self.store.next_due(None, self.pipeline.name) is not None:
+        if holds and await self._db(self.store.next_due, None, self.pipeline.name) is not None:
             due = min(holds) if due is None else min(due, min(holds))
         return due
 
@@ -252,9 +360,123 @@ class Dispatcher:
             return None
         return [s.name for s in self.pipeline.stages if s.name not in held]
 
+    # background tasks ---------------------------------------------------------------------------
+    async def _flusher(self) -> None:
+        """Write queued finishes, all that are waiting in one transaction."""
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake = anyio.Event()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                held = await self._db(
+                    self.store.finish, [p.finish for p in batch], self.clock.now()
+                )
+            except Exception as exc:
+                for p in batch:
+                    p.error = exc
+                    p.written.set()
+                continue
+            self.stats.finish_batches += 1
+            settled = False
+            for p, ok in zip(batch, held, strict=True):
+                p.held = ok
+                p.written.set()
+                settled = settled or not isinstance(p.finish, Release)
+            if settled:
+                self._drain_wake.set()
+
+    async def _heartbeats(self) -> None:
+        """Renew every lease in flight, in one transaction per beat."""
+        while True:
+            await anyio.sleep(self.settings.heartbeat_s)
+            live = list(self._live.items())
+            if not live:
+                continue
+            try:
+                renewed = await self._db(
+                    self.store.heartbeat_all,
+                    [box[0] for _, (box, _, _) in live],
+                    self.clock.now(),
+                    self.settings.lease_s,
+                )
+            except Exception:
+                continue  # the store is away: the next beat tries again, well inside the lease
+            for (job_id, (box, stage, scope)), lease in zip(live, renewed, strict=True):
+                if lease is None:
+                    self.stats.leases_lost += 1
+                    self._emit(events.LeaseLost(job_id, stage))
+                    scope.cancel()  # someone else owns the job now: stop working on it
+                else:
+                    box[0] = lease
+
+    async def _drainer(self) -> None:
+        """Deliver notifications after finishes that may have written some, and now and then
+        (retries of failed sends), never holding up claims."""
+        while True:
+            with anyio.move_on_after(self.settings.idle_poll_s * 5):
+                await self._drain_wake.wait()
+            self._drain_wake = anyio.Event()
+            # shielded: a drain stopped halfway would leave rows claimed but unsent, held from
+            # every other delivery for the claim's hold
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._drain_outbox()
+            await anyio.sleep(0.2)  # at most a few drains a second, however busy
+
     async def _drain_outbox(self) -> None:
         if self._outbox is not None:
             await self._outbox.drain()
+
+    # claiming -----------------------------------------------------------------------------------
+    def _plan(
+        self, claimed: ClaimedJob, state: Callable[[str], ModelState]
+    ) -> Booking | Postpone | None:
+        """What to book for a job as it is claimed (Store.claim_work calls this in its
+        transaction). Stages that call no model book nothing; neither do the rare cases that
+        book after the claim: count_tokens, run-scope model stages, a prompt that fails."""
+        stage = self.pipeline.stage(claimed.job.stage)
+        if not isinstance(stage, ModelStage) or self.settings.count_tokens:
+            return None
+        if stage.scope is Scope.RUN:
+            return None  # its prompt needs every item: read after the claim
+        idx, unblocked_at = _usable_model(stage, claimed.job.model_index, state)
+        if idx is None:
+            # every remaining model is parked (daily quota) or missing: wait, burn no attempt
+            return Postpone(unblocked_at, "every model of the chain is parked")
+        model = stage.models[idx]
+        try:
+            request, text = self._request(stage, claimed, model, ())
+        except Exception:
+            return None  # the job's own run builds it again and records the failure
+        tokens = self._estimator.estimate(model, text)
+        self._prepared[claimed.job.id] = _Prepared(idx, request, text)
+        self._planned.append(claimed.job.id)
+        return Booking(model, self._limits(model), tokens)
+
+    def _denied(self, denied: Denied) -> None:
+        self._prepared.pop(denied.job.id, None)
+        stage, deny, now = denied.job.stage, denied.deny, self.clock.now()
+        if denied.job.model_index == 0:
+            # the earliest of the denials: a smaller request may fit before a larger one
+            until, _ = self._stage_hold.get(stage, (0.0, ""))
+            if until <= now or deny.retry_at < until:
+                self._stage_hold[stage] = (deny.retry_at, deny.reason)
+        self.stats.deferred += 1
+        self._claim_batch = 1
+        self._emit(events.Deferred(denied.job.id, stage, denied.model, deny.reason, deny.retry_at))
+
+    def _got_through(self) -> None:
+        """A claimed job started work: after a quota denial, claim more at a time again.
+
+        A model at its limit frees a slot now and then; claiming a full batch the moment it
+        does means one booking admitted and the rest denied, in every worker at once:
+        transactions that buy nothing. So after a denial the dispatcher claims one job, then
+        two, four, ... (up to claim_batch) while they get through.
+        """
+        self._claim_batch = min(self._claim_batch * 2, self.settings.claim_batch)
 
     # one job --------------------------------------------------------------------------------------
     async def _run_job(self, claimed: ClaimedJob) -> None:
@@ -270,29 +492,48 @@ class Dispatcher:
         )
         lease_box = [claimed.lease]
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat, lease_box, tg.cancel_scope)
+            with anyio.CancelScope() as scope:
+                self._live[job.id] = (lease_box, job.stage, scope)
                 # every exception is handled in here: one job's trouble (a lost lease, a store
-                # error, a bug) must never escape the task group and take the dispatcher down
+                # error, a bug) must never escape and take the dispatcher down
                 try:
                     await self._run_stage(claimed, lease_box)
-                except LeaseLost:
-                    self.stats.leases_lost += 1
-                    self._emit(events.LeaseLost(job.id, job.stage))
                 except Exception as exc:
-                    self._crashed(claimed, lease_box[0], exc)
-                finally:
-                    tg.cancel_scope.cancel()
+                    await self._crashed(claimed, lease_box[0], exc)
         except anyio.get_cancelled_exc_class():
             # the dispatcher is stopping: hand the job back now rather than after the lease
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                self.store.release(
-                    lease_box[0], self.clock.now(), "dispatcher stopped", self.clock.now()
-                )
+                now = self.clock.now()
+                stopped = Release(lease_box[0], now, "dispatcher stopped")
+                await self._db(self.store.finish, [stopped], now)
             raise
         finally:
+            self._live.pop(job.id, None)
+            self._prepared.pop(job.id, None)
             self._in_flight -= 1
             self._wake.set()
+
+    async def _finish(self, done: Finish) -> bool:
+        """Queue `done` for the next group commit and wait for it; False if the lease was lost."""
+        pending = _Pending(done)
+        self._pending.append(pending)
+        self._flush_wake.set()
+        try:
+            await pending.written.wait()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                if pending in self._pending:  # not taken yet (the flusher is stopping too)
+                    await self._flush()
+                await pending.written.wait()
+            raise
+        if pending.error is not None:
+            raise pending.error
+        if not pending.held:
+            self.stats.leases_lost += 1
+            job_id = done.lease.job_id
+            stage = self._live[job_id][1] if job_id in self._live else ""
+            self._emit(events.LeaseLost(job_id, stage))
+        return pending.held
 
     async def _run_stage(self, claimed: ClaimedJob, lease_box: list[Lease]) -> None:
         stage = self.pipeline.stage(claimed.job.stage)
@@ -302,7 +543,7 @@ class Dispatcher:
             else:
                 await self._run_model(stage, claimed, lease_box)
 
-    def _crashed(self, claimed: ClaimedJob, lease: Lease, exc: Exception) -> None:
+    async def _crashed(self, claimed: ClaimedJob, lease: Lease, exc: Exception) -> None:
         """Record an unexpected error as this job's failed attempt; if even that fails (the
         store is down), leave the job to be taken over when its lease expires."""
         if isinstance(exc, TimeoutError):
@@ -315,9 +556,7 @@ class Dispatcher:
             stage = self.pipeline.stage(claimed.job.stage)
             models = stage.models if isinstance(stage, ModelStage) else ()
             model = models[claimed.job.model_index] if models else None
-            self._record_failure(claimed, lease, models, error, self.clock.now(), model, 0)
-        except LeaseLost:
-            self.stats.leases_lost += 1
+            await self._record_failure(claimed, lease, models, error, self.clock.now(), model)
         except Exception as again:
             self.stats.store_errors += 1
             self._emit(
@@ -328,31 +567,10 @@ class Dispatcher:
                 )
             )
 
-    async def _heartbeat(self, lease_box: list[Lease], scope: anyio.CancelScope) -> None:
-        while True:
-            await anyio.sleep(self.settings.heartbeat_s)
-            try:
-                lease_box[0] = self.store.heartbeat(
-                    lease_box[0],
-                    self.clock.now(),
-                    self.settings.lease_s,
-                )
-            except LeaseLost:
-                self.stats.leases_lost += 1
-                scope.cancel()  # someone else owns the job now: stop working on it
-                return
-
-    def _context(self, claimed: ClaimedJob, model: str | None) -> StageContext:
+    async def _context(self, claimed: ClaimedJob, model: str | None) -> StageContext:
         stage = self.pipeline.stage(claimed.job.stage)
-        items = self.store.items(claimed.run.id) if stage.scope.value == "run" else ()
-        return StageContext(
-            run=claimed.run,
-            item=claimed.item,
-            stage=stage.name,
-            attempt=claimed.job.attempts + 1,
-            model=model,
-            items=items,
-        )
+        items = await self._db(self.store.items, claimed.run.id) if stage.scope is Scope.RUN else ()
+        return _context(claimed, stage.name, model, items)
 
     async def _run_task(
         self, stage: TaskStage, claimed: ClaimedJob, lease_box: list[Lease]
@@ -360,59 +578,132 @@ class Dispatcher:
         started = self.clock.now()
         self._got_through()
         try:
-            output = await stage.run(self._context(claimed, None))
-        except LeaseLost:
-            raise
+            output = await stage.run(await self._context(claimed, None))
         except Exception as exc:  # a handler's bug must not kill the dispatcher
             error = (
                 exc if isinstance(exc, CallError) else HandlerError(f"{type(exc).__name__}: {exc}")
             )
-            self._record_failure(claimed, lease_box[0], (), error, started, None, 0)
+            await self._record_failure(claimed, lease_box[0], (), error, started, None)
             return
         result = AttemptResult(started_at=started, finished_at=self.clock.now())
-        self.store.complete(lease_box[0], result, output, self.clock.now())
-        self.stats.succeeded += 1
-        self._emit(
-            events.CallSucceeded(
-                claimed.job.id, stage.name, None, False, 0, 0, result.finished_at - started
+        if await self._finish(Completion(lease_box[0], result, output)):
+            self.stats.succeeded += 1
+            self._emit(
+                events.CallSucceeded(
+                    claimed.job.id, stage.name, None, False, 0, 0, result.finished_at - started
+                )
             )
-        )
 
     async def _run_model(
         self, stage: ModelStage, claimed: ClaimedJob, lease_box: list[Lease]
     ) -> None:
+        prepared = self._prepared.pop(claimed.job.id, None)
+        booking = claimed.reservation
+        if booking is None:
+            got = await self._book_now(stage, claimed, lease_box)
+            if got is None:
+                return
+            prepared, booking = got
+        elif prepared is None:  # booked by another dispatcher's plan: build the request here
+            request, text = self._request(stage, claimed, booking.model, ())
+            prepared = _Prepared(stage.models.index(booking.model), request, text)
         job = claimed.job
-        now = self.clock.now()
-        idx, unblocked_at = self._usable_model(stage, job.model_index, now)
-        if idx is None:
-            # every remaining model is parked (daily quota) or missing: wait, don't burn attempts
-            reason = "every model of the chain is parked"
-            self.store.release(lease_box[0], unblocked_at, reason, now)
-            self.stats.deferred += 1
-            return
-        model = stage.models[idx]
-        if idx != job.model_index:
+        if prepared.model_index != job.model_index:
             self._emit(
                 events.FellBack(
-                    job.id, stage.name, stage.models[job.model_index], model, "model unavailable"
+                    job.id,
+                    stage.name,
+                    stage.models[job.model_index],
+                    stage.models[prepared.model_index],
+                    "model unavailable",
                 )
             )
-            job = replace(job, model_index=idx, model_failures=0)
+            job = replace(job, model_index=prepared.model_index, model_failures=0)
             claimed = replace(claimed, job=job)
-        ctx = self._context(claimed, model)
+        self._got_through()
+        model, request = booking.model, prepared.request
+        started = self.clock.now()
+        if self._local_blocks.get(model, 0.0) > started:
+            # a 429 on this model came back since the claim: don't send; the next claim plans
+            # with the block in the store (a fallback, or a wait)
+            unsent = Used(booking, 0, sent=False)
+            await self._finish(Release(lease_box[0], started, f"{model} is blocked", unsent))
+            self.stats.deferred += 1
+            return
         try:
-            prompt = stage.prompt(ctx)
-        except Exception as exc:
-            self._record_failure(
-                claimed,
-                lease_box[0],
-                stage.models,
-                HandlerError(f"building the prompt failed: {exc}"),
-                now,
-                model,
-                0,
+            response = await self._adapters[model].generate(request)
+            output = stage.parse(response)
+        except CallError as exc:
+            used = Used(booking, booking.tokens, _sent_at(started, exc.send_delay_s))
+            await self._record_failure(
+                claimed, lease_box[0], stage.models, exc, started, model, used
             )
             return
+        except (TypeError, ValueError, AttributeError) as exc:  # an adapter broke its contract
+            bad = HandlerError(f"adapter for {model} failed: {type(exc).__name__}: {exc}")
+            used = Used(booking, booking.tokens)
+            await self._record_failure(
+                claimed, lease_box[0], stage.models, bad, started, model, used
+            )
+            return
+        await self._succeed(
+            stage, claimed, lease_box[0], booking, response, output, started, prepared
+        )
+
+    async def _book_now(
+        self, stage: ModelStage, claimed: ClaimedJob, lease_box: list[Lease]
+    ) -> tuple[_Prepared, Reservation] | None:
+        """Book a job's call after its claim (count_tokens, run-scope stages, or a prompt the
+        plan could not build); None if the job was handed back or failed instead."""
+        while True:
+            now = self.clock.now()
+            state = functools.partial(_state_at, self.store, now)
+            idx, unblocked_at = await self._db(_usable_model, stage, claimed.job.model_index, state)
+            if idx is None:
+                reason = "every model of the chain is parked"
+                await self._finish(Release(lease_box[0], unblocked_at, reason))
+                self.stats.deferred += 1
+                return None
+            model = stage.models[idx]
+            items = (
+                await self._db(self.store.items, claimed.run.id) if stage.scope is Scope.RUN else ()
+            )
+            try:
+                request, text = self._request(stage, claimed, model, items)
+            except Exception as exc:
+                failure = HandlerError(f"building the prompt failed: {exc}")
+                await self._record_failure(claimed, lease_box[0], stage.models, failure, now, model)
+                return None
+            counted = await self._count_tokens(request, text)
+            tokens = self._estimator.estimate(model, text, counted=counted)
+            now = self.clock.now()  # book as late as possible: the provider counts the arrival
+            try:
+                booking = await self._db(
+                    self.store.reserve, model, self._limits(model), tokens, now
+                )
+            except RequestTooLarge as exc:
+                too_big = PermanentError(str(exc))
+                await self._record_failure(claimed, lease_box[0], stage.models, too_big, now, model)
+                return None
+            if isinstance(booking, Deny) and booking.reason == "rpd":
+                # our own ledger says the day is spent: park the model as a provider 429 would,
+                # and let the chain's next model take the job now instead of waiting for midnight
+                await self._db(self.store.block_model, model, booking.retry_at, "day")
+                self._emit(
+                    events.Deferred(claimed.job.id, stage.name, model, "rpd", booking.retry_at)
+                )
+                continue
+            if isinstance(booking, Deny):
+                self._denied(Denied(claimed.job, model, booking))
+                reason = f"waiting for {model} quota ({booking.reason})"
+                await self._finish(Release(lease_box[0], booking.retry_at, reason))
+                return None
+            return _Prepared(idx, request, text, counted), booking
+
+    def _request(
+        self, stage: ModelStage, claimed: ClaimedJob, model: str, items: Any
+    ) -> tuple[ModelRequest, str]:
+        prompt = stage.prompt(_context(claimed, stage.name, model, items))
         request = ModelRequest(
             model=model,
             prompt=prompt.text,
@@ -421,52 +712,7 @@ class Dispatcher:
             temperature=stage.temperature,
             max_output_tokens=stage.max_output_tokens,
         )
-        text_for_estimate = (prompt.system or "") + prompt.text
-        counted = await self._count_tokens(request, text_for_estimate)
-        tokens = self._estimator.estimate(model, text_for_estimate, counted=counted)
-        now = self.clock.now()  # book as late as possible: the provider counts the call's arrival
-        try:
-            booking = self.store.reserve(model, self._limits(model), tokens, now)
-        except RequestTooLarge as exc:
-            self._record_failure(
-                claimed, lease_box[0], stage.models, _permanent(str(exc)), now, model, 0
-            )
-            return
-        if isinstance(booking, Deny) and booking.reason == "rpd":
-            # our own ledger says the day is spent: park the model as a provider 429 would,
-            # and let the chain's next model take the job now instead of waiting for midnight
-            self.store.block_model(model, booking.retry_at, "day")
-            self._emit(events.Deferred(job.id, stage.name, model, "rpd", booking.retry_at))
-            await self._run_model(stage, claimed, lease_box)
-            return
-        if isinstance(booking, Deny):
-            self._defer(stage, claimed, lease_box[0], model, booking)
-            return
-        self._got_through()
-        started = self.clock.now()
-        try:
-            response = await self._adapters[model].generate(request)
-            output = stage.parse(response)
-        except CallError as exc:
-            self.store.reconcile(booking, tokens, _sent_at(started, exc.send_delay_s))
-            self._record_failure(claimed, lease_box[0], stage.models, exc, started, model, tokens)
-            return
-        except (TypeError, ValueError, AttributeError) as exc:  # an adapter broke its contract
-            self.store.reconcile(booking, tokens)
-            bad = HandlerError(f"adapter for {model} failed: {type(exc).__name__}: {exc}")
-            self._record_failure(claimed, lease_box[0], stage.models, bad, started, model, tokens)
-            return
-        self._succeed(
-            stage,
-            claimed,
-            lease_box[0],
-            booking,
-            response,
-            output,
-            started,
-            text_for_estimate,
-            counted,
-        )
+        return request, (prompt.system or "") + prompt.text
 
     async def _count_tokens(self, request: ModelRequest, text: str) -> int | None:
         """The provider's count of the request's input tokens, if asked for and available.
@@ -488,7 +734,7 @@ class Dispatcher:
             self._counted[key] = counted
         return counted
 
-    def _succeed(
+    async def _succeed(
         self,
         stage: ModelStage,
         claimed: ClaimedJob,
@@ -497,14 +743,10 @@ class Dispatcher:
         response: ModelResponse,
         output: JSON,
         started: float,
-        prompt_text: str,
-        counted: int | None,
+        prepared: _Prepared,
     ) -> None:
         usage = response.usage
-        self.store.reconcile(booking, usage.input_tokens, _sent_at(started, response.send_delay_s))
-        self._estimator.observe(booking.model, prompt_text, usage.input_tokens, counted=counted)
-        if usage.input_tokens < booking.tokens:
-            self._refunded(booking.model)
+        self._estimator.observe(booking.model, prepared.text, usage.input_tokens, prepared.counted)
         self._429_streak[booking.model] = 0
         is_fallback = claimed.job.model_index > 0
         now = self.clock.now()
@@ -518,7 +760,12 @@ class Dispatcher:
             thinking_tokens=usage.thinking_tokens,
             status_code=response.status_code,
         )
-        self.store.complete(lease, result, output, now)
+        used = Used(booking, usage.input_tokens, _sent_at(started, response.send_delay_s))
+        held = await self._finish(Completion(lease, result, output, used))
+        if usage.input_tokens < booking.tokens:
+            self._refunded(booking.model)
+        if not held:
+            return
         self.stats.succeeded += 1
         self.stats.fallbacks += int(is_fallback)
         self._emit(
@@ -533,51 +780,6 @@ class Dispatcher:
             )
         )
 
-    def _usable_model(self, stage: ModelStage, start: int, now: float) -> tuple[int | None, float]:
-        """Skip models parked for the day or not found; wait out short cool-downs instead.
-
-        Returns the model index to use, or None and when the first skipped model frees up.
-        """
-        unblocked_at = float("inf")
-        for idx in range(start, len(stage.models)):
-            state = self.store.model_state(stage.models[idx], now)
-            if state.reason not in ("day", "not_found"):
-                return idx, now
-            unblocked_at = min(unblocked_at, state.blocked_until)
-        return None, unblocked_at
-
-    def _defer(
-        self, stage: ModelStage, claimed: ClaimedJob, lease: Lease, model: str, denial: Deny
-    ) -> None:
-        now = self.clock.now()
-        self.store.release(
-            lease,
-            denial.retry_at,
-            f"waiting for {model} quota ({denial.reason})",
-            now,
-        )
-        if claimed.job.model_index == 0:
-            # the earliest of the denials: a smaller request may fit before a larger one
-            until, _ = self._stage_hold.get(stage.name, (0.0, ""))
-            if until <= now or denial.retry_at < until:
-                self._stage_hold[stage.name] = (denial.retry_at, denial.reason)
-        self.stats.deferred += 1
-        self._claim_batch = 1
-        self._emit(
-            events.Deferred(claimed.job.id, stage.name, model, denial.reason, denial.retry_at)
-        )
-
-    def _got_through(self) -> None:
-        """A claimed job started work: after a quota denial, claim more at a time again.
-
-        A model at its limit frees a slot now and then; claiming a full batch the moment it
-        does means one reservation admitted and the rest denied and released, in every worker
-        at once: transactions that buy nothing and delay the admitted call. So after a denial
-        the dispatcher claims one job, then two, four, ... (up to claim_batch) while they get
-        through.
-        """
-        self._claim_batch = min(self._claim_batch * 2, self.settings.claim_batch)
-
     def _refunded(self, model: str) -> None:
         """A call used fewer tokens than it reserved: a stage held for TPM may fit now."""
         for stage in self.pipeline.stages:
@@ -585,7 +787,7 @@ class Dispatcher:
             if hold is not None and hold[1] == "tpm" and model in getattr(stage, "models", ()):
                 del self._stage_hold[stage.name]
 
-    def _record_failure(
+    async def _record_failure(
         self,
         claimed: ClaimedJob,
         lease: Lease,
@@ -593,7 +795,7 @@ class Dispatcher:
         error: CallError,
         started: float,
         model: str | None,
-        tokens: int,
+        used: Used | None = None,
     ) -> None:
         now = self.clock.now()
         job = claimed.job
@@ -612,10 +814,6 @@ class Dispatcher:
         if isinstance(error, RateLimited) and model is not None:
             self.stats.provider_429 += 1
             self._429_streak[model] = streak + 1
-        if decision.block is not None:
-            self.store.block_model(
-                decision.block.model, decision.block.until, decision.block.reason
-            )
         outcome = decision.outcome
         counted = not isinstance(outcome, Retry) or outcome.counted
         result = AttemptResult(
@@ -623,13 +821,19 @@ class Dispatcher:
             finished_at=now,
             model=model,
             is_fallback=job.model_index > 0,
-            input_tokens=tokens,
+            input_tokens=used.tokens if used else 0,
             status_code=error.status_code,
             error_kind=error.kind.value,
             error_message=error.message[:2000],
             counted=counted,
         )
-        self.store.fail(lease, result, outcome, now)
+        block: ModelBlock | None = decision.block
+        if block is not None:  # jobs claimed before the store knows it must not send
+            self._local_blocks[block.model] = max(
+                self._local_blocks.get(block.model, 0.0), block.until
+            )
+        if not await self._finish(Failure(lease, result, outcome, used, block)):
+            return
         self.stats.failed_attempts += 1
         gave_up = isinstance(outcome, GiveUp)
         self.stats.gave_up += int(gave_up)
@@ -664,8 +868,35 @@ _UNLIMITED = ModelLimits()
 _COUNT_CACHE_SIZE = 10_000
 
 
-def _permanent(message: str) -> CallError:
-    return PermanentError(message)
+def _context(claimed: ClaimedJob, stage: str, model: str | None, items: Any) -> StageContext:
+    return StageContext(
+        run=claimed.run,
+        item=claimed.item,
+        stage=stage,
+        attempt=claimed.job.attempts + 1,
+        model=model,
+        items=items,
+    )
+
+
+def _state_at(store: Store, now: float, model: str) -> ModelState:
+    return store.model_state(model, now)
+
+
+def _usable_model(
+    stage: ModelStage, start: int, state: Callable[[str], ModelState]
+) -> tuple[int | None, float]:
+    """Skip models parked for the day or not found; wait out short cool-downs instead.
+
+    Returns the model index to use, or None and when the first skipped model frees up.
+    """
+    unblocked_at = float("inf")
+    for idx in range(start, len(stage.models)):
+        found = state(stage.models[idx])
+        if found.reason not in ("day", "not_found"):
+            return idx, 0.0
+        unblocked_at = min(unblocked_at, found.blocked_until)
+    return None, unblocked_at
 
 
 def _adapter_map(
