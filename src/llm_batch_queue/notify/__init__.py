@@ -1,5 +1,6 @@
 """Notifications: outbox delivery, templates and transports."""
 
+from llm_batch_queue.notify.errors import DeliveryError
 from llm_batch_queue.notify.message import XLSX_MIME, Attachment, Message
 from llm_batch_queue.notify.outbox import OutboxDelivery
 from llm_batch_queue.notify.templates import Rendered, TemplateRenderer
@@ -8,6 +9,7 @@ from llm_batch_queue.notify.transport import DryRunTransport, MemoryTransport, T
 __all__ = [
     "XLSX_MIME",
     "Attachment",
+    "DeliveryError",
     "DryRunTransport",
     "MemoryTransport",
     "Message",
