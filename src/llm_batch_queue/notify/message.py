@@ -22,3 +22,5 @@ class Message:
     html: str | None = None
     attachments: tuple[Attachment, ...] = ()
     idempotency_key: str | None = None  # stable per outbox row, for transports that dedupe
+    cc: tuple[str, ...] = ()  # e.g. a team address copied on every e-mail, visible to all
+    bcc: tuple[str, ...] = ()  # envelope only: never written into the headers
