@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -19,6 +20,8 @@ from llm_batch_queue.notify import (
     XLSX_MIME,
     Attachment,
     DeliveryError,
+    LinkLargeAttachments,
+    LocalDirectoryStore,
     Message,
     ResendSettings,
     ResendTransport,
@@ -249,6 +252,19 @@ async def test_attachments_over_the_limit_are_refused_before_sending(resend: Fak
         await transport(resend.url).send(message(attachments=(big,)))
     assert err.value.permanent
     assert resend.requests == []
+
+
+async def test_wrapped_in_link_large_attachments_the_default_limit_is_resends(
+    resend: FakeResend, tmp_path: Path
+) -> None:
+    big = Attachment("big.bin", b"\0" * (RESEND_ATTACHMENT_LIMIT_BYTES * 3 // 4 + 3))
+    small = Attachment("small.txt", b"kept", "text/plain")
+    wrapped = LinkLargeAttachments(transport(resend.url), LocalDirectoryStore(tmp_path))
+    assert await wrapped.send(message(attachments=(big, small))) == "email-1"
+    [req] = resend.requests
+    assert [a["filename"] for a in req.body["attachments"]] == ["small.txt"]
+    assert "- big.bin (30.0 MB): file://" in req.body["text"]
+    assert ">big.bin</a>" in req.body["html"]
 
 
 async def test_a_shared_client_is_used_and_left_open(resend: FakeResend) -> None:

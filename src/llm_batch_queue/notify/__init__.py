@@ -1,5 +1,10 @@
 """Notifications: outbox delivery, templates and transports."""
 
+from llm_batch_queue.notify.attachments import (
+    AttachmentStore,
+    LinkLargeAttachments,
+    LocalDirectoryStore,
+)
 from llm_batch_queue.notify.errors import DeliveryError
 from llm_batch_queue.notify.message import XLSX_MIME, Attachment, Message
 from llm_batch_queue.notify.outbox import OutboxDelivery
@@ -16,8 +21,11 @@ __all__ = [
     "RESEND_ATTACHMENT_LIMIT_BYTES",
     "XLSX_MIME",
     "Attachment",
+    "AttachmentStore",
     "DeliveryError",
     "DryRunTransport",
+    "LinkLargeAttachments",
+    "LocalDirectoryStore",
     "MemoryTransport",
     "Message",
     "OutboxDelivery",

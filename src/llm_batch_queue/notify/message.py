@@ -14,6 +14,11 @@ class Attachment:
     mime_type: str = "application/octet-stream"
 
 
+def base64_size(attachments: tuple[Attachment, ...]) -> int:
+    """Bytes the attachments take base64-encoded: what Resend counts against its limit."""
+    return sum(4 * -(-len(a.content) // 3) for a in attachments)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     to: tuple[str, ...]

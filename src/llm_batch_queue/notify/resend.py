@@ -11,7 +11,7 @@ from typing import Any
 import httpx2
 
 from llm_batch_queue.notify.errors import DeliveryError
-from llm_batch_queue.notify.message import Attachment, Message
+from llm_batch_queue.notify.message import Message, base64_size
 
 # "max 40MB per email, after Base64 encoding of the attachments"; read as decimal megabytes, the
 # stricter reading, so a message we let through is never one Resend refuses
@@ -25,11 +25,6 @@ class ResendSettings:
     sender: str  # the from field, e.g. "Elevra <uploads@example.org>" on a verified domain
     base_url: str = "https://api.resend.com"
     timeout_s: float = 30.0
-
-
-def base64_size(attachments: tuple[Attachment, ...]) -> int:
-    """Bytes the attachments take base64-encoded, as Resend counts them against its limit."""
-    return sum(4 * -(-len(a.content) // 3) for a in attachments)
 
 
 class ResendTransport:
