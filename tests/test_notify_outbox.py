@@ -109,3 +109,11 @@ async def test_other_exceptions_are_still_retried() -> None:
     await outbox.drain()
     [note] = store.notifications(run_id)
     assert (note.status, note.error) == ("pending", "RuntimeError: boom")
+
+
+def test_notify_exports_exactly_what_all_lists() -> None:
+    import llm_batch_queue.notify as notify
+
+    exported = {n for n in dir(notify) if not n.startswith("_")}
+    modules = {n for n in exported if type(getattr(notify, n)).__name__ == "module"}
+    assert exported - modules == set(notify.__all__)
