@@ -31,9 +31,9 @@ class ResendTransport:
     """Sends through Resend; returns Resend's e-mail id.
 
     The message's idempotency key goes in the Idempotency-Key header: Resend answers a retry
-    within 24 h with the first response instead of sending again, which makes retrying after a
-    timeout (sent or not?) safe. Pass `client` to share a connection pool (you close it);
-    otherwise each send opens and closes its own, which suits a few e-mails per run.
+    within 24 h with the first response instead of sending again, so retrying after a timeout is
+    safe even when the first request got through. Pass `client` to share a connection pool (you
+    close it); otherwise each send opens and closes its own, which suits a few e-mails per run.
     """
 
     def __init__(self, settings: ResendSettings, *, client: httpx2.AsyncClient | None = None):
