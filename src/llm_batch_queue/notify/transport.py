@@ -30,6 +30,8 @@ class DryRunTransport:
         record = {
             "at": at,
             "to": list(message.to),
+            "cc": list(message.cc),
+            "bcc": list(message.bcc),
             "subject": message.subject,
             "text": message.text,
             "html": message.html,

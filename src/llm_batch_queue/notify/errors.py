@@ -1,0 +1,29 @@
+"""How a transport reports a failed delivery, so the outbox knows whether retrying can help."""
+
+from __future__ import annotations
+
+from llm_batch_queue.errors import LLMBatchQueueError
+
+
+class DeliveryError(LLMBatchQueueError):
+    """A message was not delivered.
+
+    `permanent` means the same message will fail the same way again (a 5xx reply, rejected
+    credentials, a validation error): the outbox marks it failed at once instead of retrying.
+    Otherwise (connection refused, a timeout, a 4xx reply, a rate limit) it is retried, no sooner
+    than `retry_after_s` when the provider said how long to wait.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        kind = "permanent" if permanent else "transient"
+        super().__init__(f"{message} ({kind})")
+        self.permanent = permanent
+        self.code = code  # the SMTP reply code or HTTP status, when there was one
+        self.retry_after_s = retry_after_s
