@@ -264,7 +264,7 @@ def run_config(config: Config, processes: int, seconds: float, pg_url: str) -> d
                 ledger = [
                     tuple(r)
                     for r in conn.execute(
-                        text("SELECT at, tokens, id FROM lbq_rate_ledger ORDER BY at")
+                        text("SELECT slot, requests, tokens FROM lbq_rate_slots ORDER BY slot")
                     )
                 ]
             with open(f"{dump}/{config.name}-{processes}p.json", "w") as f:

@@ -31,7 +31,7 @@ from llm_batch_queue.jobs import (
     Scope,
     StageSpec,
 )
-from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start
+from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start, slot_time
 from llm_batch_queue.store import Reservation, Store
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
 from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
@@ -951,7 +951,7 @@ class StoreContract:
         on_time = two.reserve("m", limits, 10, T0 + 3 + limits.span_s)
         assert isinstance(on_time, Reservation)
         two.reconcile(on_time, 10, sent_at=on_time.at - 1)  # before its booking: ignored
-        retry_at = on_time.at + limits.span_s
+        retry_at = slot_time(on_time.slot) + limits.span_s  # counted from its slot's end
         assert one.reserve("m", limits, 10, retry_at - 0.01) == Deny(retry_at, "rpm")
         assert isinstance(one.reserve("m", limits, 10, retry_at), Reservation)
 

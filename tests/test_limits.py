@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from llm_batch_queue.errors import ConfigError, RequestTooLarge
-from llm_batch_queue.limits import Admit, Deny, ModelLimits, Usage, WindowEntry, admit, day_start
+from llm_batch_queue.limits import (
+    Admit,
+    Deny,
+    ModelLimits,
+    Quota,
+    Usage,
+    WindowEntry,
+    admit,
+    day_start,
+)
 
 NOW = 1_767_225_600.0
 
@@ -61,3 +70,24 @@ def test_bad_limits_are_rejected_with_the_field_named(kwargs: dict[str, object])
 def test_limits_must_be_whole_numbers(value: object) -> None:
     with pytest.raises(ConfigError, match="rpm must be a positive integer"):
         ModelLimits(rpm=value)  # type: ignore[arg-type]
+
+
+def test_after_a_denial_smaller_requests_backfill_only_what_cannot_delay_it() -> None:
+    # 60 of 100 tokens used, leaving the window at NOW - 50 (40) and NOW - 10 (20)
+    limits = ModelLimits(tpm=100, window_margin_s=0.0)
+    quota = Quota(limits, usage((NOW - 50, 40), (NOW - 10, 20)), NOW)
+    assert quota.book(70) == Deny(NOW + 10, "tpm")  # the head: fits once the 40 have left
+    # at NOW + 10 the window will hold 20 + the head's 70: 10 tokens to spare until then
+    assert quota.can_backfill
+    assert quota.book(30) == Deny(NOW + 10, "tpm")  # fits now, but would delay the head
+    assert quota.book(8) == Admit()  # fits now and leaves the head its room
+    assert quota.book(5) == Deny(NOW + 10, "tpm")  # only 2 to spare left
+    assert quota.book(2) == Admit()
+    assert not quota.can_backfill
+
+
+def test_a_cooldown_denial_leaves_nothing_to_backfill() -> None:
+    quota = Quota(ModelLimits(tpm=100), usage(blocked=NOW + 5), NOW)
+    assert quota.book(10) == Deny(NOW + 5, "cooldown")
+    assert not quota.can_backfill
+    assert quota.book(1) == Deny(NOW + 5, "cooldown")

@@ -129,6 +129,17 @@ def test_a_count_is_scaled_up_by_what_the_provider_charged_beyond_it_never_down(
     assert estimator.estimate("other", prompt, counted=100) == 100
 
 
+def test_the_headroom_follows_how_far_the_estimates_have_been_off() -> None:
+    steady, jumpy, prompt = TokenEstimator(), TokenEstimator(), text(0)
+    assert steady.estimate("m", prompt) == jumpy.estimate("m", prompt) == 105
+    for i in range(20):
+        steady.observe("m", prompt, 100)  # the length predicts the count exactly
+        jumpy.observe("m", prompt, 80 if i % 2 else 120)  # off by a fifth either way
+    assert steady.estimate("m", prompt) == 101  # down to the 1 % floor
+    assert 115 <= jumpy.estimate("m", prompt) <= 120  # a margin for the swings (capped at 20 %)
+    assert steady.estimate("other", prompt) == 105  # per model: nothing learnt about this one
+
+
 async def test_after_a_denial_the_dispatcher_claims_one_job_at_a_time() -> None:
     # one request a minute, eight jobs claimed per batch: without a cap every freed slot would
     # be met by eight claims, one admitted and seven denied and released again

@@ -265,7 +265,7 @@ def test_bookings_of_the_last_minute_survive_the_move_to_slots(sql_url: str) -> 
             (window_slot(now - 30.0), 1, 10, 0),
             (window_slot(now - 0.05), 1, 5, 1),
         ]
-        assert store.reserve("m", ModelLimits(rpm=2), 1, now) == Deny(now - 30.0 + 60.5, "rpm")
+        assert store.reserve("m", ModelLimits(rpm=2), 1, now) == Deny(now - 30.0 + 60.25, "rpm")
         store.close()
     finally:
         engine.dispose()

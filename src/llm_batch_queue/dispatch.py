@@ -88,10 +88,9 @@ class DispatcherSettings:
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
     idle_poll_s: float = 1.0
-    # jobs claimed per turn of the loop, each turn letting them send before the next: a
-    # booking is made when it is claimed, and ModelLimits.window_margin_s must cover the time
-    # from then to the request reaching the provider
-    claim_batch: int = 4
+    # jobs claimed (and booked) per claim transaction; after a quota denial the dispatcher
+    # claims one, then doubles while they get through (see _got_through)
+    claim_batch: int = 32
     job_timeout_s: float = 900.0  # a stage (model call or task) running longer is failed
     # reserve what the adapter's count_tokens says (one more request per new prompt, cached)
     # instead of a length-based estimate; falls back to the estimate when it answers None/fails.

@@ -21,8 +21,10 @@ GEMINI_DAY_TZ = "America/Los_Angeles"  # Gemini resets requests-per-day at midni
 class ModelLimits:
     """Provider limits for one model; None means unlimited.
 
-    `window_margin_s` widens the minute window a little so that requests reserved 60 s apart
-    but delayed differently on the wire never land in the provider's same minute.
+    `window_margin_s` widens the minute window a little so that requests sent 60 s apart but
+    delayed differently on the wire (or timed by hosts whose clocks differ a little) never
+    land in the provider's same minute. A booking is moved to when its request really left
+    (Store.reconcile), so the margin need not cover time spent before the send.
     """
 
     rpm: int | None = None
@@ -31,7 +33,7 @@ class ModelLimits:
     max_in_flight: int | None = None
     day_tz: str = GEMINI_DAY_TZ
     window_s: float = 60.0
-    window_margin_s: float = 0.5
+    window_margin_s: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "rpd", "max_in_flight"):
@@ -176,6 +178,11 @@ class Quota:
 
     def _usage(self) -> Usage:
         return Usage(self._window, self._day, self._in_flight, self._blocked)
+
+    @property
+    def can_backfill(self) -> bool:
+        """After a denial: is there room for a smaller request that would not delay it?"""
+        return self.head is not None and self._room[0] >= 1 and self._room[1] >= 1
 
     def book(self, tokens: int) -> Verdict:
         verdict = self._admit(self.limits, self._usage(), tokens, self.now)

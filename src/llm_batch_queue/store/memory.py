@@ -61,6 +61,7 @@ from llm_batch_queue.store.milestones import Milestones
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
 KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
+LOOKAHEAD = 16  # candidates a claim looks at beyond its limit, for backfilling behind a denial
 
 
 class MemoryStore:
@@ -305,8 +306,9 @@ class MemoryStore:
             claim = Claim()
             quotas: dict[str, Quota] = {}
             considered = 0  # as the SQL store's LIMIT: denied and postponed jobs count too
+            budget = limit  # more after a denial that leaves room to backfill (claims.py)
             for job, reclaimed in self._claimable(now, stages, pipeline):
-                if considered >= limit:
+                if considered >= budget or len(claim.jobs) >= limit:
                     break
                 # an expiry earlier in this loop may have cancelled this job: use its current state
                 job = self._jobs[job.id]
@@ -332,6 +334,8 @@ class MemoryStore:
                 booked = self._plan_and_book(candidate, plan, quotas, now)
                 if isinstance(booked, Denied):
                     claim.denied.append(booked)
+                    if quotas[booked.model].can_backfill:
+                        budget = max(budget, limit + LOOKAHEAD)
                     if reclaimed:  # its expired lease is gone: it waits READY like the rest
                         self._jobs[job.id] = replace(job, status=JobStatus.READY)
                     continue

@@ -41,6 +41,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Admission, Deny
 from llm_batch_queue.store.base import Booking, Claim, Denied, ModelState, Plan, Postpone
+from llm_batch_queue.store.memory import LOOKAHEAD
 from llm_batch_queue.store.sql import graph, ledger
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import attempt_values, to_item, to_job, to_run
@@ -75,12 +76,14 @@ def claim_work(
     # jobs this call has looked at or released itself: MemoryStore picks its candidates once,
     # so neither is claimed again in the same call
     seen: set[str] = set()
-    while len(claim.jobs) < limit:
-        rows = conn.execute(_candidates(now, stages, pipeline, seen, limit - len(claim.jobs))).all()
+    budget = limit  # candidates to look at: more after a denial that leaves room to backfill
+    considered = 0
+    first_round = True
+    while len(claim.jobs) < limit and considered < budget:
+        rows = conn.execute(_candidates(now, stages, pipeline, seen, budget - considered)).all()
         if not rows:
             break
         found: list[tuple[Job, bool]] = []
-        again = False
         for row in rows:
             seen.add(row.id)
             job, reclaimed = to_job(row), row.status == JobStatus.RUNNING.value
@@ -92,8 +95,7 @@ def claim_work(
                 if job.status is JobStatus.FAILED:
                     holds_run = True
                     seen |= released
-                    again = True  # the rest of this batch may have been cancelled: query again
-                    break
+                    break  # the rest of this batch may have been cancelled: query again
             found.append((job, reclaimed))
         candidates = _candidates_in_context(conn, found, worker, now, lease_s)
 
@@ -103,19 +105,25 @@ def claim_work(
 
         wanted = [plan(c, state) for c in candidates]
         first_models = sorted({w.model for w in wanted if isinstance(w, Booking)} - locked)
-        for model in first_models:  # in name order: no two claims wait for each other
-            if ledger.lock_model(conn, model, wait=not holds_run):
+        for model in first_models:
+            # in name order, and only in the first round (later ones add locks only if free):
+            # no two claims wait for each other
+            if ledger.lock_model(conn, model, wait=first_round and not holds_run):
                 locked.add(model)
+        first_round = False
         for candidate, want in zip(candidates, wanted, strict=True):
+            if len(claim.jobs) >= limit:
+                break  # the rest stay as they were
+            considered += 1
             outcome = _book(conn, candidate, want, plan, state, bookings, blocks, locked, now)
             if isinstance(outcome, Denied):
                 claim.denied.append(outcome)
+                if bookings.quotas[outcome.model].can_backfill:
+                    budget = max(budget, limit + LOOKAHEAD)
             if isinstance(outcome, Denied | Postpone | _Skip):
                 _unclaimed(conn, candidate, outcome, now)
                 continue
             claim.jobs.append(replace(candidate, reservation=outcome))
-        if not again:
-            break
     _write_leases(conn, claim.jobs, worker, now)
     bookings.write()
     return claim
