@@ -24,7 +24,7 @@ from examples.elevra_upload.simulate import start_simulator
 from llm_batch_queue import events
 from llm_batch_queue.adapters.gemini import GeminiAdapter
 from llm_batch_queue.clock import SystemClock
-from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings, DispatchStats
+from llm_batch_queue.dispatch import DispatcherSettings, DispatchStats
 from llm_batch_queue.jobs import Item, NewItem, Run
 from llm_batch_queue.notify import DryRunTransport, OutboxDelivery
 from llm_batch_queue.pipeline import Pipeline
@@ -32,6 +32,7 @@ from llm_batch_queue.simulator import Simulator
 from llm_batch_queue.store.base import Store
 from llm_batch_queue.store.sql import open_store
 from llm_batch_queue.store.sql.engine import WRITE, make_engine
+from llm_batch_queue.worker import WorkerApp, serve
 
 
 @dataclass
@@ -80,6 +81,34 @@ class ElevraApp:
         the upload finishes without it. ValueError for a completed or already failed batch."""
         return self.store.skip_item(run_id, batch_key, reason, self.clock.now())
 
+    def worker_app(self, on_event: events.EventSink | None = None) -> WorkerApp:
+        """The dispatcher's parts: Gemini (or the simulator), limits, the e-mail outbox."""
+        base_url = self.simulator.url if self.simulator else self.config.gemini_base_url
+        adapter = GeminiAdapter(
+            api_key=str(self.config.api_key or "simulated-key"),
+            base_url=base_url,
+            timeout_ms=self.config.timeout_ms,
+        )
+        outbox = OutboxDelivery(
+            self.store,
+            DryRunTransport(self.out / "emails.jsonl"),
+            ElevraMail(self.store, self.config, self.clock),
+            clock=self.clock,
+        )
+        return WorkerApp(
+            self.pipeline,
+            adapter,
+            limits=self.config.limits,
+            settings=DispatcherSettings(
+                concurrency=self.config.concurrency,
+                lease_s=self.config.lease_s,
+                heartbeat_s=self.config.lease_s / 4,
+            ),
+            on_event=on_event,
+            outbox=outbox,
+            close=adapter.aclose,
+        )
+
     def dispatch(
         self,
         *,
@@ -93,32 +122,8 @@ class ElevraApp:
 
         With `run_id`, return once that run has finished rather than waiting for others.
         """
-        adapter = GeminiAdapter(
-            api_key="simulated-key" if self.simulator else str(self.config.api_key),
-            base_url=self.simulator.url if self.simulator else None,
-            timeout_ms=self.config.timeout_ms,
-        )
-        outbox = OutboxDelivery(
-            self.store,
-            DryRunTransport(self.out / "emails.jsonl"),
-            ElevraMail(self.store, self.config, self.clock),
-            clock=self.clock,
-        )
-        dispatcher = Dispatcher(
-            self.store,
-            self.pipeline,
-            adapter,
-            limits=self.config.limits,
-            clock=self.clock,
-            settings=DispatcherSettings(
-                concurrency=self.config.concurrency,
-                lease_s=self.config.lease_s,
-                heartbeat_s=self.config.lease_s / 4,
-            ),
-            on_event=on_event,
-            outbox=outbox,
-        )
-
+        parts = self.worker_app(on_event)
+        dispatcher = parts.dispatcher(self.store)
         stopped = False
 
         async def drive() -> None:
@@ -133,7 +138,8 @@ class ElevraApp:
                         await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
                     tg.cancel_scope.cancel()
             finally:
-                await adapter.aclose()
+                assert parts.close is not None
+                await parts.close()
 
         async def stop_on_signal(scope: anyio.CancelScope) -> None:
             # Ctrl-C or a supervisor's SIGTERM cancels at the next await, never halfway through
@@ -149,6 +155,17 @@ class ElevraApp:
         if stopped:
             raise KeyboardInterrupt
         return dispatcher.stats
+
+    def serve(
+        self, on_event: events.EventSink | None = None, grace_s: float = 30.0
+    ) -> DispatchStats:
+        """Run as a worker until SIGTERM/SIGINT (see llm_batch_queue.worker.serve)."""
+        from llm_batch_queue.cli import wakeups_for
+
+        parts = self.worker_app(on_event)
+        return anyio.run(
+            lambda: serve(self.store, parts, wakeups=wakeups_for(self.store), grace_s=grace_s)
+        )
 
     def summary(self, run_id: str, elapsed_s: float | None = None) -> dict[str, Any]:
         run = self.store.get_run(run_id)
@@ -199,11 +216,19 @@ class ElevraApp:
 
 @contextmanager
 def open_app(
-    config: AppConfig, out: Path, db_url: str | None, *, simulate: bool
+    config: AppConfig,
+    out: Path,
+    db_url: str | None,
+    *,
+    simulate: bool,
+    store: Store | None = None,
 ) -> Iterator[ElevraApp]:
+    """The app on `db_url` (default: a SQLite file in `out`); with `store`, on that store's
+    database, leaving the store open when done."""
     out.mkdir(parents=True, exist_ok=True)
     url = db_url or f"sqlite:///{out / 'elevra.db'}"
-    store = open_store(url)
+    owns_store = store is None
+    store = store or open_store(url)
     # the app's tables share the database; on SQLite its inserts must take the write lock up
     # front (BEGIN IMMEDIATE) like the queue's own transactions, or they can deadlock with them
     engine = make_engine(url, execution_options={WRITE: True})
@@ -215,11 +240,12 @@ def open_app(
             # another process created them at the same moment (PostgreSQL): they exist now
             app_store.create_tables(engine)
         pipeline = build_pipeline(config, engine, out)
-        if simulate:
+        if simulate and not config.gemini_base_url:
             simulator = start_simulator(config.limits, pipeline.model_names)
         yield ElevraApp(config, out, store, engine, pipeline, simulator, SystemClock())
     finally:
         if simulator is not None:
             simulator.close()
-        store.close()
+        if owns_store:
+            store.close()
         engine.dispose()

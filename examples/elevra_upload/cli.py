@@ -39,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     dispatch.add_argument("--time-budget", type=float, help="start no job after this many seconds")
     dispatch.add_argument("--max-jobs", type=int, help="start at most this many jobs")
+    worker = sub.add_parser(
+        "worker",
+        help="run as a worker until SIGTERM/SIGINT (many may share a PostgreSQL database)",
+        description="Drive whatever is queued, waiting for more: on PostgreSQL new uploads wake "
+        "it at once (LISTEN/NOTIFY). The first signal stops claiming and lets the jobs in "
+        "flight finish (for up to --grace seconds); a second hands them back at once.",
+    )
+    worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight")
     status = sub.add_parser("status", help="show the uploads in the database")
     status.add_argument("run_id", nargs="?", help="one upload's summary (default: all)")
     retry = sub.add_parser(
@@ -63,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only re-queue the batch (a running or later `dispatch` does the work)",
     )
     skip.add_argument("--reason", required=True, help="why: shown in the e-mail and workbook")
-    for p in (run, dispatch, status, retry, skip):
+    for p in (run, dispatch, worker, status, retry, skip):
         p.add_argument(
             "--out",
             type=Path,
@@ -72,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         p.add_argument("--db", help="database URL (default: sqlite:///OUT/elevra.db)")
         p.add_argument("--json", action="store_true", help="print JSON as the last line")
-    for p in (run, dispatch, retry):
+    for p in (run, dispatch, worker, retry):
         p.add_argument(
             "--simulate",
             action="store_true",
@@ -84,15 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             " (replaces those models' limits)",
         )
         p.add_argument("--concurrency", type=int, help="model calls in flight at once")
-    for p in (run, dispatch):
+    for p in (run, dispatch, worker):
         p.add_argument("--uploader", help="e-mail address of the uploader (gets the e-mails)")
-    for p in (run, dispatch, retry, skip):
+    for p in (run, dispatch, worker, retry, skip):
         p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     try:
         config = _config(args)
         simulate = bool(getattr(args, "simulate", False)) or not config.api_key
-        calls_models = args.command in ("run", "dispatch") or (
+        calls_models = args.command in ("run", "dispatch", "worker") or (
             args.command == "retry" and not args.no_dispatch
         )
         with open_app(config, args.out, args.db, simulate=simulate and calls_models) as app:
@@ -100,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run(app, args)
             if args.command == "dispatch":
                 return _dispatch(app, args)
+            if args.command == "worker":
+                return _worker(app, args)
             if args.command == "retry":
                 return _retry(app, args)
             if args.command == "skip":
@@ -173,6 +183,19 @@ def _dispatch(app: ElevraApp, args: argparse.Namespace) -> int:
     )
     result = {k: getattr(stats, k) for k in stats.__slots__}
     log.say(f"dispatched: {result}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _worker(app: ElevraApp, args: argparse.Namespace) -> int:
+    log = _Progress(quiet=args.quiet)
+    if app.simulator is not None:
+        log.say(f"offline: simulated Gemini at {app.simulator.url}")
+    log.say(f"worker {os.getpid()} serving {args.db or args.out / 'elevra.db'}")
+    stats = app.serve(on_event=log.on_event, grace_s=args.grace)
+    result = {k: getattr(stats, k) for k in stats.__slots__}
+    log.say(f"worker stopped: {result}")
     if args.json:
         print(json.dumps(result))
     return 0

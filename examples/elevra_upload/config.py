@@ -27,6 +27,8 @@ _EMAIL = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+")
 @dataclass(frozen=True)
 class AppConfig:
     api_key: str | None = None
+    # a Gemini-compatible endpoint instead of the public API: a shared simulator, a proxy
+    gemini_base_url: str | None = None
     analyze_models: tuple[str, ...] = ("gemini-2.5-pro", "gemini-2.5-flash")
     structure_models: tuple[str, ...] = ("gemini-2.5-flash", "gemini-2.5-flash-lite")
     limits: Mapping[str, ModelLimits] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
@@ -60,6 +62,7 @@ class AppConfig:
         limits = {**base.limits, **limits_from_env(env, "ELEVRA_LIMITS")}
         return cls(
             api_key=env.get("GEMINI_API_KEY") or None,
+            gemini_base_url=env.get("ELEVRA_GEMINI_BASE_URL") or None,
             analyze_models=_models(env.get("ELEVRA_ANALYZE_MODELS"), base.analyze_models),
             structure_models=_models(env.get("ELEVRA_STRUCTURE_MODELS"), base.structure_models),
             limits=limits,

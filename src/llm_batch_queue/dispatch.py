@@ -100,6 +100,9 @@ class DispatcherSettings:
     # run store calls in worker threads (None: unless the store is a MemoryStore), so that a
     # transaction in progress never holds up the requests of other jobs
     store_in_thread: bool | None = None
+    # how long to keep trying to record finished jobs while the store is unreachable (then
+    # they are left to expire and be taken over, as after a crash)
+    store_retry_s: float = 30.0
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
@@ -187,6 +190,7 @@ class Dispatcher:
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._wake = anyio.Event()
+        self._stop: anyio.Event | None = None  # run_forever's
         self._pending: list[_Pending] = []
         self._flush_wake = anyio.Event()
         self._drain_wake = anyio.Event()
@@ -221,6 +225,8 @@ class Dispatcher:
         )
 
     async def run_forever(self, stop: anyio.Event) -> DispatchStats:
+        """Run until `stop` is set, waiting for new work when there is none (wake() or the next
+        poll finds it); then claim nothing more and let the jobs in flight finish."""
         return await self._loop(deadline=None, max_jobs=None, wait_for_future=True, stop=stop)
 
     def wake(self) -> None:
@@ -248,6 +254,9 @@ class Dispatcher:
             background.start_soon(self._flusher)
             background.start_soon(self._heartbeats)
             background.start_soon(self._drainer)
+            if stop is not None:
+                self._stop = stop
+                background.start_soon(self._wake_on, stop)
             try:
                 async with anyio.create_task_group() as tg:
                     await self._claim_loop(tg, deadline, max_jobs, wait_for_future,
@@ -284,16 +293,24 @@ class Dispatcher:
                 room = min(room, max_jobs - started)
             claimed: list[ClaimedJob] = []
             if budget_left and room > 0:
-                claim = await self._db(
-                    self.store.claim_work,
-                    worker=self.settings.worker_id,
-                    now=now,
-                    limit=room,
-                    lease_s=self.settings.lease_s,
-                    plan=self._plan,
-                    stages=self._claimable_stages(now),
-                    pipeline=self.pipeline.name,
-                )
+                try:
+                    claim = await self._db(
+                        self.store.claim_work,
+                        worker=self.settings.worker_id,
+                        now=now,
+                        limit=room,
+                        lease_s=self.settings.lease_s,
+                        plan=self._plan,
+                        stages=self._claimable_stages(now),
+                        pipeline=self.pipeline.name,
+                    )
+                except Exception:
+                    # the store is away (a restart, a network cut): jobs in flight carry on,
+                    # and claiming resumes once it answers again
+                    self.stats.store_errors += 1
+                    self._planned.clear()
+                    await anyio.sleep(self.settings.idle_poll_s)
+                    continue
                 claimed = claim.jobs
                 for denied in claim.denied:
                     self._denied(denied)
@@ -318,8 +335,12 @@ class Dispatcher:
                     return
                 await self._wait(None)
                 continue
-            due = await self._next_due(now)
-            if self._in_flight == 0:
+            try:
+                due = await self._next_due(now)
+            except Exception:
+                self.stats.store_errors += 1
+                due = now + self.settings.idle_poll_s
+            if self._in_flight == 0 and stop is None:  # run_forever waits for new work
                 if due is None:
                     return
                 if not wait_for_future and due > now:
@@ -329,10 +350,22 @@ class Dispatcher:
             await self._wait(due)
 
     async def _finished(self, run_id: str) -> bool:
-        run = await self._db(self.store.get_run, run_id)
+        try:
+            run = await self._db(self.store.get_run, run_id)
+        except KeyError:
+            raise
+        except Exception:
+            self.stats.store_errors += 1
+            return False
         return run.status is not RunStatus.RUNNING
 
+    async def _wake_on(self, stop: anyio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
     async def _wait(self, due: float | None) -> None:
+        if self._stop is not None and self._stop.is_set():
+            return
         now = self.clock.now()
         timeout = self.settings.idle_poll_s
         if due is not None:
@@ -370,13 +403,10 @@ class Dispatcher:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            try:
-                held = await self._db(
-                    self.store.finish, [p.finish for p in batch], self.clock.now()
-                )
-            except Exception as exc:
+            held = await self._write([p.finish for p in batch])
+            if isinstance(held, Exception):
                 for p in batch:
-                    p.error = exc
+                    p.error = held
                     p.written.set()
                 continue
             self.stats.finish_batches += 1
@@ -387,6 +417,22 @@ class Dispatcher:
                 settled = settled or not isinstance(p.finish, Release)
             if settled:
                 self._drain_wake.set()
+
+    async def _write(self, batch: list[Finish]) -> list[bool] | Exception:
+        """Store.finish, tried again while the store is away (a database restarting) for up to
+        store_retry_s: the batch is conditional on each lease, so a second try after a commit
+        whose answer was lost changes nothing."""
+        deadline = anyio.current_time() + self.settings.store_retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await self._db(self.store.finish, batch, self.clock.now())
+            except Exception as exc:
+                self.stats.store_errors += 1
+                if anyio.current_time() + delay > deadline:
+                    return exc
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _heartbeats(self) -> None:
         """Renew every lease in flight, in one transaction per beat."""

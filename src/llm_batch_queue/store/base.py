@@ -217,8 +217,9 @@ class Store(Protocol):
         """Apply completions, failures and releases in one transaction.
 
         Each one only if its caller still holds the job's lease: the answer is False where it
-        did not (nothing of that job changed). Usage is reconciled and blocks are applied
-        either way: the call happened.
+        did not, and nothing of that job changed, its usage included (so a batch sent again
+        after a commit whose answer was lost counts nothing twice; an unreconciled booking
+        keeps its estimate). Blocks are applied either way: they only ever move later.
         """
         ...
 

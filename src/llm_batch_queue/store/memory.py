@@ -440,8 +440,6 @@ class MemoryStore:
         with self._lock:
             held: list[bool] = []
             for done in batch:
-                if done.used is not None:
-                    self._reconcile(done.used)
                 if isinstance(done, Failure) and done.block is not None:
                     self.block_model(done.block.model, done.block.until, done.block.reason)
                 try:
@@ -453,8 +451,10 @@ class MemoryStore:
                         self.release(done.lease, done.at, done.reason, now)
                 except LeaseLost:
                     held.append(False)
-                else:
-                    held.append(True)
+                    continue
+                held.append(True)
+                if done.used is not None:
+                    self._reconcile(done.used)
             return held
 
     def complete(self, lease: Lease, result: AttemptResult, output: JSON, now: float) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, Connection, or_, select, update
 
 from llm_batch_queue.jobs import Item, ItemStatus, JobStatus, RunStatus
 from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
-from llm_batch_queue.store.sql import graph
+from llm_batch_queue.store.sql import graph, wakeups
 from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import to_item
@@ -68,6 +68,8 @@ def retry_item(conn: Connection, spec_of: SpecOf, run_id: str, item_key: str, no
     # the run stages run again once every item has settled; one in flight loses its lease
     conn.execute(update(jobs).where(run_scope).values(fresh))
     status_now = graph.restart_item(conn, item_id, spec, now)
+    pipeline = conn.execute(select(runs.c.pipeline).where(runs.c.id == run_id)).scalar_one()
+    wakeups.announce(conn, pipeline)
     conn.execute(
         update(items).where(items.c.id == item_id).values(status=status_now.value, error=None)
     )

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from llm_batch_queue.jobs import GiveUp, Job, JobStatus, Retry
 from llm_batch_queue.store.base import Completion, Failure, Finish, Release
-from llm_batch_queue.store.sql import graph, ledger
+from llm_batch_queue.store.sql import graph, ledger, wakeups
 from llm_batch_queue.store.sql.claims import SpecOf
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import attempt_values, to_job
@@ -45,14 +45,19 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
         held.append(ok)
         if ok:
             taken.append((f, to_job(leased.pop(f.lease.job_id))))  # once, even if listed twice
-    ledger.reconcile(conn, [f.used for f in batch if f.used is not None])
+    ledger.reconcile(conn, [f.used for f, _ in taken if f.used is not None])
     for f in batch:
         if isinstance(f, Failure) and f.block is not None:
             ledger.block(conn, f.block.model, f.block.until, f.block.reason)
     if taken:
         _record(conn, taken)
         conn.execute(_UPDATE, [_values(f, job, now) for f, job in taken])
-        _settle(conn, spec_of, taken, now)
+        released = _settle(conn, spec_of, taken, now)
+        # other workers may take what is claimable now: dependents, jobs handed back unrun
+        handed_back = any(isinstance(f, Release) and f.at <= now for f, _ in taken)
+        if released or handed_back:
+            for pipeline in sorted({row.pipeline for row in rows}):
+                wakeups.announce(conn, pipeline)
     return held
 
 
@@ -132,7 +137,9 @@ def _model_failures(job: Job, retry: Retry, counted: bool) -> int:
     return job.model_failures + 1 if counted else job.model_failures
 
 
-def _settle(conn: Connection, spec_of: SpecOf, taken: list[tuple[Finish, Job]], now: float) -> None:
+def _settle(
+    conn: Connection, spec_of: SpecOf, taken: list[tuple[Finish, Job]], now: float
+) -> set[str]:
     """Outputs and errors onto the items, then what follows from the settled jobs."""
     settled = [
         (f, job)
@@ -140,7 +147,7 @@ def _settle(conn: Connection, spec_of: SpecOf, taken: list[tuple[Finish, Job]], 
         if isinstance(f, Completion) or (isinstance(f, Failure) and isinstance(f.outcome, GiveUp))
     ]
     if not settled:
-        return  # retries and releases leave the graph as it was: no run lock needed
+        return set()  # retries and releases leave the graph as it was: no run lock needed
     touched: dict[str, graph.Touched] = {}
     for run_id in sorted({job.run_id for _, job in settled}):
         lock_run(conn, run_id)
@@ -172,4 +179,4 @@ def _settle(conn: Connection, spec_of: SpecOf, taken: list[tuple[Finish, Job]], 
             update(items).where(items.c.id == bindparam("b_id")).values(error=bindparam("b_e")),
             [{"b_id": i, "b_e": e} for i, e in errors.items()],
         )
-    graph.settle(conn, spec_of, touched, now)
+    return graph.settle(conn, spec_of, touched, now)

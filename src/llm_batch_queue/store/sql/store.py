@@ -49,7 +49,16 @@ from llm_batch_queue.store.base import (
     Release,
     Used,
 )
-from llm_batch_queue.store.sql import admin, claims, graph, ledger, outbox, outcomes, schema
+from llm_batch_queue.store.sql import (
+    admin,
+    claims,
+    graph,
+    ledger,
+    outbox,
+    outcomes,
+    schema,
+    wakeups,
+)
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
 from llm_batch_queue.store.sql.rows import (
     stages_from_json,
@@ -163,6 +172,7 @@ class SQLStore:
                 conn.execute(items_table.insert(), item_rows)
             if job_rows:
                 conn.execute(jobs.insert(), job_rows)
+                wakeups.announce(conn, pipeline)
             graph.milestones(conn, run_id, spec).run_queued(len(items), now)
             if not items:
                 graph.advance_run(conn, run_id, spec, now)

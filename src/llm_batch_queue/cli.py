@@ -1,0 +1,143 @@
+"""`llm-batch-queue`: run workers, one-shot dispatches (cron) and migrations from the shell.
+
+    llm-batch-queue worker   --app pkg.module:factory --db URL [--concurrency N] [--grace S]
+    llm-batch-queue dispatch --app pkg.module:factory --db URL [--time-budget S] [--max-jobs N]
+    llm-batch-queue migrate  --db URL
+
+`factory` is called with the opened Store and returns a `WorkerApp` (worker.py): the pipeline,
+adapters, limits and outbox. `--db` defaults to the LBQ_DATABASE_URL environment variable.
+On PostgreSQL a worker also listens for new work (LISTEN/NOTIFY) instead of waiting for its next
+poll. Exit codes: 0 done, 2 bad arguments or configuration, 130 stopped by a signal mid-dispatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+
+import anyio
+
+from llm_batch_queue.dispatch import DispatcherSettings, DispatchStats
+from llm_batch_queue.errors import ConfigError
+from llm_batch_queue.store.base import Store
+from llm_batch_queue.worker import AppFactory, Wakeups, WorkerApp, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-batch-queue", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="run until SIGTERM/SIGINT")
+    dispatch = sub.add_parser("dispatch", help="run what is due now, then exit (for cron)")
+    migrate = sub.add_parser("migrate", help="bring the database schema to the newest revision")
+    for p in (worker, dispatch, migrate):
+        p.add_argument("--db", default=os.environ.get("LBQ_DATABASE_URL"), help="database URL")
+    for p in (worker, dispatch):
+        p.add_argument("--app", required=True, help="module:attribute of a WorkerApp factory")
+        p.add_argument("--concurrency", type=int, help="jobs in flight at once")
+        p.add_argument("--json", action="store_true", help="print the stats as JSON at the end")
+    worker.add_argument(
+        "--grace", type=float, default=30.0, help="seconds to let jobs finish after SIGTERM"
+    )
+    dispatch.add_argument("--time-budget", type=float, help="start no job after this many s")
+    dispatch.add_argument("--max-jobs", type=int, help="start at most this many jobs")
+    args = parser.parse_args(argv)
+    if not args.db:
+        parser.error("--db is required (or set LBQ_DATABASE_URL)")
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llm_batch_queue.store.sql import open_store
+
+    store = open_store(args.db)
+    try:
+        if args.command == "migrate":
+            print(f"{args.db}: schema at the newest revision", file=sys.stderr)
+            return 0
+        app = _with_concurrency(load_app(args.app)(store), args.concurrency)
+        if args.command == "worker":
+            stats = anyio.run(
+                lambda: serve(store, app, wakeups=wakeups_for(store), grace_s=args.grace)
+            )
+        else:
+            stats = anyio.run(lambda: _once(store, app, args.time_budget, args.max_jobs))
+    finally:
+        store.close()
+    summary = asdict(stats)
+    print(f"{args.command}: {summary}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+async def _once(
+    store: Store, app: WorkerApp, time_budget_s: float | None, max_jobs: int | None
+) -> DispatchStats:
+    dispatcher = app.dispatcher(store)
+    try:
+        return await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+    finally:
+        if app.close is not None:
+            await app.close()
+
+
+def load_app(spec: str) -> AppFactory:
+    """`pkg.module:attribute` -> the factory (or a WorkerApp, wrapped as one)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"--app must look like pkg.module:factory, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {spec}: cannot import {module_name!r}: {exc}") from None
+    try:
+        found = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"--app {spec}: {module_name} has no {attribute!r}") from None
+    if isinstance(found, WorkerApp):
+        return lambda _store: found
+    if not callable(found):
+        raise ConfigError(f"--app {spec}: {attribute!r} is neither a WorkerApp nor a factory")
+
+    def build(store: Store) -> WorkerApp:
+        app = found(store)
+        if not isinstance(app, WorkerApp):
+            raise ConfigError(f"--app {spec} returned {type(app).__name__}, not a WorkerApp")
+        return app
+
+    return build
+
+
+def wakeups_for(store: Store) -> Wakeups | None:
+    """LISTEN for new work on PostgreSQL; None elsewhere (workers poll)."""
+    from llm_batch_queue.store.sql import SQLStore
+    from llm_batch_queue.store.sql.wakeups import listen
+
+    if not isinstance(store, SQLStore) or store.engine.dialect.name != "postgresql":
+        return None
+    url = store.engine.url
+
+    async def run(wake: Callable[[], None]) -> None:
+        await listen(url, lambda _pipeline: wake())
+
+    return run
+
+
+def _with_concurrency(app: WorkerApp, concurrency: int | None) -> WorkerApp:
+    if concurrency is None:
+        return app
+    settings = replace(app.settings or DispatcherSettings(), concurrency=concurrency)
+    return replace(app, settings=settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

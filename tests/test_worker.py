@@ -1,0 +1,217 @@
+"""Worker processes (`llm-batch-queue worker`) on a real PostgreSQL: woken by NOTIFY, stopped by
+signals without losing or repeating work, and carrying on through dropped connections."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from _worker_app import PIPELINE, app
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from llm_batch_queue import JobStatus, NewItem, RunStatus
+from llm_batch_queue.cli import main as cli_main
+from llm_batch_queue.store.sql import SQLStore, open_store
+from llm_batch_queue.worker import serve
+
+pytestmark = pytest.mark.postgres
+TESTS = Path(__file__).parent
+
+
+def _env(effects: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    env["LBQ_TEST_EFFECTS"] = str(effects)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def worker(pg_url: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(**extra: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_batch_queue.cli", "worker", "--app", "_worker_app:app",
+             "--db", pg_url, "--json", "--grace", "20"],
+            env=_env(tmp_path / "effects.txt", **extra), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def _create(store: SQLStore, keys: list[str]) -> str:
+    items = [NewItem(k, k) for k in keys]
+    run = store.create_run(
+        pipeline=PIPELINE.name,
+        name="t",
+        stages=PIPELINE.specs,
+        items=items,
+        meta={},
+        now=time.time(),
+    )
+    return run.id
+
+
+def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _listening(pg_url: str) -> bool:
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            n = conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"
+                     " AND datname = current_database()")
+            ).scalar_one()  # fmt: skip
+        return bool(n)
+    finally:
+        engine.dispose()
+
+
+def _effects(tmp_path: Path) -> list[str]:
+    path = tmp_path / "effects.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_an_idle_worker_is_woken_by_new_work(
+    pg_url: str, tmp_path: Path, worker: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """It polls once an hour: finishing a run created after it went idle means NOTIFY woke it."""
+    store = SQLStore(pg_url)
+    proc = worker(LBQ_TEST_POLL_S="3600")
+    _wait_for(lambda: _listening(pg_url), 30, "the worker to LISTEN")
+    time.sleep(0.5)  # let it find the queue empty and go to sleep
+    run_id = _create(store, ["a", "b", "c"])
+    _wait_for(lambda: store.get_run(run_id).status is RunStatus.COMPLETED, 30, "the run")
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert sorted(_effects(tmp_path)) == ["a", "b", "c"]
+    store.close()
+
+
+def test_sigterm_lets_the_jobs_in_flight_finish_and_claims_nothing_more(
+    pg_url: str, tmp_path: Path, worker: Callable[..., subprocess.Popen[str]]
+) -> None:
+    store = SQLStore(pg_url)
+    run_id = _create(store, ["a", "b", "c", "d"])
+    proc = worker(LBQ_TEST_LATENCY_S="2")
+    running = lambda: sum(j.status is JobStatus.RUNNING for j in store.jobs(run_id)) == 4  # noqa: E731
+    _wait_for(running, 30, "four calls in flight")
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    by_stage = {(j.stage, j.status) for j in store.jobs(run_id)}
+    # the calls in flight finished; their dependents were left for the next worker
+    assert by_stage == {("ask", JobStatus.SUCCEEDED), ("record", JobStatus.READY)}
+    assert _effects(tmp_path) == []
+    store.close()
+
+
+def test_a_second_signal_hands_the_jobs_in_flight_back_at_once(
+    pg_url: str, tmp_path: Path, worker: Callable[..., subprocess.Popen[str]]
+) -> None:
+    store = SQLStore(pg_url)
+    run_id = _create(store, ["a", "b"])
+    proc = worker(LBQ_TEST_LATENCY_S="60")
+    running = lambda: sum(j.status is JobStatus.RUNNING for j in store.jobs(run_id)) == 2  # noqa: E731
+    _wait_for(running, 30, "two calls in flight")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=20)  # well before the 60-s calls would have finished
+    assert proc.returncode == 0, err
+    asks = [j for j in store.jobs(run_id) if j.stage == "ask"]
+    assert all(j.status is JobStatus.READY and j.attempts == 0 for j in asks)
+    assert {j.last_error for j in asks} == {"dispatcher stopped"}
+    assert store.attempts(run_id) == []  # handed back unrun: nothing recorded, no retry spent
+    store.close()
+
+
+def test_the_dispatcher_carries_on_through_dropped_database_connections(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection of the test's database is killed again and again mid-run (what a
+    PostgreSQL restart does to its clients): the run completes, each side effect happens once."""
+    monkeypatch.setenv("LBQ_TEST_EFFECTS", str(tmp_path / "effects.txt"))
+    monkeypatch.setenv("LBQ_TEST_LATENCY_S", "0.05")
+    store = open_store(pg_url)
+    assert isinstance(store, SQLStore)
+    keys = [f"k{i:02d}" for i in range(40)]
+    run_id = _create(store, keys)
+    admin = create_engine(make_url(pg_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    database = make_url(pg_url).database
+    kills = 0
+
+    async def killer(stop: anyio.Event) -> None:
+        nonlocal kills
+        while not stop.is_set() and kills < 8:
+            await anyio.sleep(0.4)
+            with admin.connect() as conn:
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE datname = :db AND pid <> pg_backend_pid()"),
+                    {"db": database},
+                )  # fmt: skip
+            kills += 1
+
+    async def main() -> None:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(killer, stop)
+
+            async def until_done() -> None:
+                while store.get_run(run_id).status is RunStatus.RUNNING:
+                    await anyio.sleep(0.1)
+                stop.set()
+
+            tg.start_soon(until_done)
+            with anyio.fail_after(120):
+                await serve(store, app(store), stop=stop, handle_signals=False)
+
+    anyio.run(main)
+    assert kills >= 3
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    assert sorted(_effects(tmp_path)) == keys  # every item's side effect exactly once
+    assert {j.status for j in store.jobs(run_id)} == {JobStatus.SUCCEEDED}
+    store.close()
+    admin.dispose()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_colon", "must look like pkg.module:factory"),
+        ("no_such_module_xyz:app", "cannot import 'no_such_module_xyz'"),
+        ("_worker_app:nothing", "has no 'nothing'"),
+        ("_worker_app:PIPELINE", "'PIPELINE' is neither a WorkerApp nor a factory"),
+        ("_worker_app:not_an_app", "returned str, not a WorkerApp"),
+    ],
+)
+def test_a_bad_app_is_named_and_exits_2(
+    spec: str, message: str, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["dispatch", "--app", spec, "--db", sqlite_url])
+    assert code == 2
+    assert message in capsys.readouterr().err
