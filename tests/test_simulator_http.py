@@ -12,7 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from llm_batch_queue.simulator import Fault, ModelConfig, Simulator
+from llm_batch_queue.simulator import Fault, FaultConfig, ModelConfig, Simulator
 
 MODEL = "gemini-2.5-flash"
 GENERATE = f"/v1beta/models/{MODEL}:generateContent"
@@ -173,3 +173,17 @@ def test_cli_serves_until_terminated_and_prints_stats() -> None:
     final = json.loads(out.strip().splitlines()[-1])
     assert final[MODEL]["requests_by_status"] == {"200": 1, "429": 1}
     assert final["gemini-2.5-pro"]["admitted"] == 0
+
+
+def test_injected_429s_carry_retry_info_and_admit_nothing() -> None:
+    faults = FaultConfig(rate_limit_rate=0.5, rate_limit_retry_s=3.0)
+    with Simulator({MODEL: ModelConfig(rpm=100, faults=faults)}, seed=7) as sim:
+        with httpx2.Client(base_url=sim.url) as http:
+            replies = [http.post(GENERATE, json=prompt(f"{i}"), headers=KEY) for i in range(40)]
+        refused = [r for r in replies if r.status_code == 429]
+        assert 5 < len(refused) < 35 and all(r.status_code in (200, 429) for r in replies)
+        details = {d["@type"].rsplit(".", 1)[-1]: d for d in refused[0].json()["error"]["details"]}
+        assert details["RetryInfo"]["retryDelay"] == "3s"
+        assert "PerMinute" in details["QuotaFailure"]["violations"][0]["quotaId"]
+        assert len(sim.admissions()[MODEL]) == 40 - len(refused)
+        assert sim.stats()[MODEL].rate_limited["injected"] == len(refused)

@@ -330,10 +330,10 @@ class Dispatcher:
                 await anyio.lowlevel.checkpoint()
                 continue
             out_of_jobs = max_jobs is not None and started >= max_jobs
-            if not budget_left or out_of_jobs:
+            if not budget_left or out_of_jobs or room <= 0:
                 if self._in_flight == 0:
                     return
-                await self._wait(None)
+                await self._wait(None)  # a job finishing makes room (or ends the loop)
                 continue
             try:
                 due = await self._next_due(now)

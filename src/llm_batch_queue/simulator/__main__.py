@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME[:key=value,...]",
         help="repeatable; keys: rpm, tpm, rpd, thinking_tokens, not_found, latency=LOW-HIGH, "
         "server_error_rate, unavailable_rate, stall_rate, stall_s, not_json_rate, empty_rate, "
+        "rate_limit_rate, rate_limit_retry_s, "
         "truncated_rate",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -19,6 +19,10 @@ class FaultConfig:
     not_json_rate: float = 0.0  # prose where JSON was asked for
     empty_rate: float = 0.0  # a candidate without parts
     truncated_rate: float = 0.0  # half the text, finishReason MAX_TOKENS
+    # a per-minute 429 (QuotaFailure + RetryInfo of rate_limit_retry_s) whatever the limits
+    # say, drawn before the quota check: the provider's own view of a window can differ
+    rate_limit_rate: float = 0.0
+    rate_limit_retry_s: float = 2.0
     stall_s: float = 30.0
     latency_s: tuple[float, float] = (0.0, 0.0)  # uniform range; equal ends = fixed latency
 
@@ -27,6 +31,8 @@ class FaultConfig:
         rates += [self.not_json_rate, self.empty_rate, self.truncated_rate]
         if any(r < 0 for r in rates) or sum(rates) > 1:
             raise ValueError(f"fault rates must be >= 0 and sum to <= 1, got {rates}")
+        if not 0 <= self.rate_limit_rate <= 1 or self.rate_limit_retry_s < 0:
+            raise ValueError(f"bad rate_limit_rate {self.rate_limit_rate} or retry")
         low, high = self.latency_s
         if low < 0 or high < low or self.stall_s < 0:
             raise ValueError(f"bad latency {self.latency_s} or stall {self.stall_s}")
@@ -58,6 +64,8 @@ _RATE_KEYS = (
     "not_json_rate",
     "empty_rate",
     "truncated_rate",
+    "rate_limit_rate",
+    "rate_limit_retry_s",
     "stall_s",
 )
 

@@ -46,6 +46,7 @@ class FaultPlan:
         self.config = config
         self._seed = seed
         self._rng = random.Random(seed)
+        self._rate_rng = random.Random(f"{seed}:429")
         self._forced: deque[ForcedFault] = deque()
 
     def force(self, forced: ForcedFault, times: int) -> None:
@@ -70,10 +71,16 @@ class FaultPlan:
             u -= rate
         return None
 
+    def rate_limited(self) -> bool:
+        """An injected 429, drawn from its own RNG so it does not shift the other faults."""
+        rate = self.config.rate_limit_rate
+        return rate > 0 and self._rate_rng.random() < rate
+
     def latency(self) -> float:
         low, high = self.config.latency_s
         return low if low == high else self._rng.uniform(low, high)
 
     def reset(self) -> None:
         self._rng = random.Random(self._seed)
+        self._rate_rng = random.Random(f"{self._seed}:429")
         self._forced.clear()

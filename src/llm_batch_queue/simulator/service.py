@@ -143,6 +143,16 @@ class GeminiService:
                 reply = self._forced_error(api_version, model, entry, forced, now)
                 entry.tally.statuses[reply.status] += 1
                 return reply
+            if entry.plan.rate_limited():
+                entry.tally.statuses[429] += 1
+                entry.tally.rate_limited["injected"] += 1
+                retry_s = entry.config.faults.rate_limit_retry_s
+                return Reply(
+                    429,
+                    payloads.quota_exceeded(
+                        QuotaKind.REQUESTS_PER_MINUTE, model, entry.config.rpm, retry_s
+                    ),
+                )
             violation = entry.ledger.check(entry.config, now, tokens)
             if violation is not None:
                 entry.tally.statuses[429] += 1

@@ -22,7 +22,6 @@ from sqlalchemy import (
     Row,
     and_,
     bindparam,
-    case,
     func,
     or_,
     select,
@@ -438,16 +437,19 @@ def heartbeat_all(
 def next_due(
     conn: Connection, stages: Collection[str] | None, pipeline: str | None = None
 ) -> float | None:
-    due = case(
-        (jobs.c.status == JobStatus.READY.value, jobs.c.next_run_at),
-        else_=jobs.c.lease_expires_at,
-    )
-    query = select(func.min(due)).where(
-        jobs.c.status.in_([JobStatus.READY.value, JobStatus.RUNNING.value])
-    )
-    if stages is not None:
-        query = query.where(jobs.c.stage.in_(list(stages)))
-    if pipeline is not None:
-        query = query.where(jobs.c.pipeline == pipeline)
-    value: float | None = conn.execute(query).scalar()
-    return value
+    """The earliest READY job's due time or RUNNING job's lease expiry: two index lookups
+    (status, next_run_at) and (status, lease_expires_at), not a scan of the queue."""
+    found = []
+    for status, column in (
+        (JobStatus.READY, jobs.c.next_run_at),
+        (JobStatus.RUNNING, jobs.c.lease_expires_at),
+    ):
+        query = select(func.min(column)).where(jobs.c.status == status.value)
+        if stages is not None:
+            query = query.where(jobs.c.stage.in_(list(stages)))
+        if pipeline is not None:
+            query = query.where(jobs.c.pipeline == pipeline)
+        value = conn.execute(query).scalar()
+        if value is not None:
+            found.append(float(value))
+    return min(found, default=None)
