@@ -199,31 +199,22 @@ def _unclaimed(
     """A job not handed out stays as it was, except: a postponed one waits until then, and a
     reclaimed one (whose expiry was counted) is READY again."""
     job = candidate.job
+    values: dict[str, Any] = {"last_error": job.last_error}
     if isinstance(why, Postpone):
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job.id)
-            .values(
-                status=JobStatus.READY.value,
-                attempts=job.attempts,
-                next_run_at=why.at,
-                last_error=why.reason,
-                updated_at=now,
-                **NO_LEASE,
-            )
+        values = {"next_run_at": why.at, "last_error": why.reason}
+    elif not candidate.reclaimed:
+        return
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job.id)
+        .values(
+            status=JobStatus.READY.value,
+            attempts=job.attempts,
+            updated_at=now,
+            **NO_LEASE,
+            **values,
         )
-    elif candidate.reclaimed:
-        conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job.id)
-            .values(
-                status=JobStatus.READY.value,
-                attempts=job.attempts,
-                last_error=job.last_error,
-                updated_at=now,
-                **NO_LEASE,
-            )
-        )
+    )
 
 
 def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now: float) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, func, select, update
 
 from llm_batch_queue import transitions
-from llm_batch_queue.jobs import ItemStatus, JobStatus, RunCounts, RunStatus, Scope, StageSpec
+from llm_batch_queue.jobs import Item, ItemStatus, JobStatus, RunCounts, RunStatus, Scope, StageSpec
 from llm_batch_queue.store.milestones import Milestones
-from llm_batch_queue.store.sql import outbox
-from llm_batch_queue.store.sql.rows import to_item
+from llm_batch_queue.store.sql import bulk, outbox
 from llm_batch_queue.store.sql.tables import items, jobs, runs
 
 _OPEN = (JobStatus.PENDING.value, JobStatus.READY.value)
@@ -82,57 +82,82 @@ def after_settle(
     return settle(conn, lambda _conn, _run: spec, {run_id: touched}, now)
 
 
+def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
+    """The items' state without their payloads (which settlement never reads), by id."""
+    if not item_ids:
+        return {}
+    c = items.c
+    rows = conn.execute(
+        select(c.id, c.run_id, c.key, c.status, c.outputs, c.error, c.failures).where(
+            c.id.in_(sorted(item_ids))
+        )
+    )
+    return {
+        r.id: Item(
+            r.id, r.run_id, r.key, ItemStatus(r.status), None, r.outputs or {}, r.error, r.failures
+        )
+        for r in rows
+    }
+
+
 def settle(
     conn: Connection,
     spec_of: Callable[[Connection, str], RunSpec],
     touched: Mapping[str, Touched],
     now: float,
+    *,
+    states: Mapping[str, Item] | None = None,
+    outputs: Mapping[str, Mapping[str, Any]] | None = None,
+    errors: Mapping[str, str] | None = None,
 ) -> set[str]:
     """Advance the items and runs whose jobs just settled; returns the ids of jobs made READY.
 
-    The callers hold the runs' locks. A whole batch costs a fixed number of statements: one read
-    of the items' jobs and one of the items, then the changes. Only the stages that changed are
-    checked for milestones, and a run only when one of its items (or run jobs) settled, so the
-    cost does not grow with the size of the run.
+    The callers hold the runs' locks. `states` are the items as read in this transaction (read
+    here if not given); `outputs` and `errors` are the stage outputs and failure reasons to
+    store on them, written with their new status in one statement. A whole batch costs a fixed
+    number of statements. Only the stages that changed are checked for milestones, and a run
+    only when one of its items (or run jobs) settled, so the cost does not grow with the run.
     """
+    outputs, errors = outputs or {}, errors or {}
     item_ids = sorted(set().union(*(t.items for t in touched.values())))
     cancelled: dict[str, set[str]] = {run_id: set() for run_id in touched}
     settled_runs = {run_id for run_id, t in touched.items() if t.run_jobs or not t.items}
     released: set[str] = set()
     if item_ids:
         siblings = _load_items(conn, item_ids)
-        rows = conn.execute(select(items).where(items.c.id.in_(item_ids))).all()
+        if states is None:
+            states = item_states(conn, item_ids)
         ready: list[str] = []
         cancel: list[str] = []
-        changed_items: list[dict[str, object]] = []
-        for item in sorted((to_item(r) for r in rows), key=lambda i: i.id):
+        changed: list[dict[str, Any]] = []
+        for item_id in item_ids:
+            item = states[item_id]
             spec = spec_of(conn, item.run_id)
-            found = siblings[item.id]
+            found = siblings[item_id]
             step = transitions.item_step(spec.stages, {s: st for s, (_, st) in found.items()})
             ready += [found[s][0] for s in step.ready]
             cancel += [found[s][0] for s in step.cancel]
             cancelled[item.run_id] |= set(step.cancel)
             statuses = _after(step, found)
-            status = transitions.item_status(statuses)
-            failures = item.failures
-            if status is ItemStatus.NEEDS_REUPLOAD and item.status is not status:
-                failures += 1
-                milestones(conn, item.run_id, spec).item_failed(
-                    replace(item, failures=failures), now
-                )
-            if status is not item.status or failures != item.failures:
-                changed_items.append({"b_id": item.id, "b_status": status.value, "b_f": failures})
+            new = replace(
+                item,
+                status=transitions.item_status(statuses),
+                outputs={**item.outputs, **outputs.get(item_id, {})},
+                error=errors.get(item_id, item.error),
+            )
+            if new.status is ItemStatus.NEEDS_REUPLOAD and item.status is not new.status:
+                new = replace(new, failures=item.failures + 1)
+                milestones(conn, item.run_id, spec).item_failed(new, now)
+            if new != item:
+                changed.append(
+                    {"id": item_id, "status": new.status.value, "outputs": new.outputs,
+                     "error": new.error, "failures": new.failures}
+                )  # fmt: skip
             if all(st.settled for st in statuses.values()):
                 settled_runs.add(item.run_id)
         released |= _mark(conn, ready, JobStatus.READY, now)
         _mark(conn, cancel, JobStatus.CANCELLED, now)
-        if changed_items:
-            conn.execute(
-                update(items)
-                .where(items.c.id == bindparam("b_id"))
-                .values(status=bindparam("b_status"), failures=bindparam("b_f")),
-                changed_items,
-            )
+        bulk.update_rows(conn, items, changed)
     for run_id in sorted(touched):
         spec = spec_of(conn, run_id)
         if touched[run_id].items:

@@ -13,18 +13,18 @@ lock, so this order cannot deadlock with them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, select
 
-from llm_batch_queue.jobs import GiveUp, Job, JobStatus, Retry
+from llm_batch_queue.jobs import GiveUp, Item, Job, JobStatus, Retry
 from llm_batch_queue.store.base import Completion, Failure, Finish, Release
-from llm_batch_queue.store.sql import graph, ledger, wakeups
-from llm_batch_queue.store.sql.claims import SpecOf
+from llm_batch_queue.store.sql import bulk, graph, ledger, wakeups
+from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import attempt_values, to_job
-from llm_batch_queue.store.sql.tables import attempts, items, jobs
+from llm_batch_queue.store.sql.tables import attempts, jobs
 
 
 def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: float) -> list[bool]:
@@ -50,9 +50,15 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
         if isinstance(f, Failure) and f.block is not None:
             ledger.block(conn, f.block.model, f.block.until, f.block.reason)
     if taken:
-        _record(conn, taken)
-        conn.execute(_UPDATE, [_values(f, job, now) for f, job in taken])
-        released = _settle(conn, spec_of, taken, now)
+        settled = [(f, job) for f, job in taken if _settles(f)]
+        for run_id in sorted({job.run_id for _, job in settled}):
+            # every writer of an item holds its run's lock: what is read next stays true
+            lock_run(conn, run_id)
+        states = graph.item_states(conn, {j.item_id for _, j in taken if j.item_id is not None})
+        _record(conn, taken, states)
+        after = [_values(f, job, now) for f, job in taken]
+        bulk.update_rows(conn, jobs, after, constants=NO_LEASE)
+        released = _settle(conn, spec_of, settled, states, now) if settled else set()
         # other workers may take what is claimable now: dependents, jobs handed back unrun
         handed_back = any(isinstance(f, Release) and f.at <= now for f, _ in taken)
         if released or handed_back:
@@ -61,71 +67,43 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
     return held
 
 
-def _record(conn: Connection, taken: list[tuple[Finish, Job]]) -> None:
+def _record(conn: Connection, taken: list[tuple[Finish, Job]], states: Mapping[str, Item]) -> None:
     """An attempt per completion and failure (a release ran nothing)."""
-    ran = [(f, job) for f, job in taken if not isinstance(f, Release)]
-    item_ids = {job.item_id for _, job in ran if job.item_id is not None}
-    keys = (
-        dict(conn.execute(select(items.c.id, items.c.key).where(items.c.id.in_(item_ids))).all())
-        if item_ids
-        else {}
-    )
+    ran = [
+        attempt_values(job.id, job.stage, _key(states, job), f.result)
+        for f, job in taken
+        if not isinstance(f, Release)
+    ]
     if ran:
-        conn.execute(
-            attempts.insert(),
-            [
-                attempt_values(job.id, job.stage, keys.get(job.item_id or ""), f.result)
-                for f, job in ran
-                if not isinstance(f, Release)
-            ],
-        )
-
-
-_UPDATE = (
-    update(jobs)
-    .where(jobs.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        output=bindparam("b_output"),
-        attempts=bindparam("b_attempts"),
-        next_run_at=bindparam("b_next"),
-        model_index=bindparam("b_model"),
-        model_failures=bindparam("b_failures"),
-        last_error=bindparam("b_error"),
-        updated_at=bindparam("b_now"),
-        lease_token=None,
-        lease_expires_at=None,
-        leased_by=None,
-    )
-)
+        conn.execute(attempts.insert(), ran)
 
 
 def _values(f: Finish, job: Job, now: float) -> dict[str, Any]:
-    """The job's row after `f`: every column _UPDATE sets, so one statement serves the batch."""
+    """The job's row after `f`: the same columns for every job, so one statement serves all."""
     counted = job.attempts + (1 if not isinstance(f, Release) and f.result.counted else 0)
     values: dict[str, Any] = {
-        "b_id": job.id,
-        "b_status": JobStatus.READY.value,
-        "b_output": job.output,
-        "b_attempts": counted,
-        "b_next": job.next_run_at,
-        "b_model": job.model_index,
-        "b_failures": job.model_failures,
-        "b_error": job.last_error,
-        "b_now": now,
+        "id": job.id,
+        "status": JobStatus.READY.value,
+        "output": job.output,
+        "attempts": counted,
+        "next_run_at": job.next_run_at,
+        "model_index": job.model_index,
+        "model_failures": job.model_failures,
+        "last_error": job.last_error,
+        "updated_at": now,
     }
     if isinstance(f, Completion):
-        values.update(b_status=JobStatus.SUCCEEDED.value, b_output=f.output, b_error=None)
+        values.update(status=JobStatus.SUCCEEDED.value, output=f.output, last_error=None)
     elif isinstance(f, Release):
-        values.update(b_next=f.at, b_error=f.reason)
+        values.update(next_run_at=f.at, last_error=f.reason)
     elif isinstance(f.outcome, GiveUp):
-        values.update(b_status=JobStatus.FAILED.value, b_error=f.outcome.reason)
+        values.update(status=JobStatus.FAILED.value, last_error=f.outcome.reason)
     else:
         values.update(
-            b_next=f.outcome.at,
-            b_model=f.outcome.model_index,
-            b_error=f.outcome.reason,
-            b_failures=_model_failures(job, f.outcome, f.result.counted),
+            next_run_at=f.outcome.at,
+            model_index=f.outcome.model_index,
+            last_error=f.outcome.reason,
+            model_failures=_model_failures(job, f.outcome, f.result.counted),
         )
     return values
 
@@ -137,21 +115,25 @@ def _model_failures(job: Job, retry: Retry, counted: bool) -> int:
     return job.model_failures + 1 if counted else job.model_failures
 
 
+def _key(states: Mapping[str, Item], job: Job) -> str | None:
+    return states[job.item_id].key if job.item_id is not None else None
+
+
+def _settles(f: Finish) -> bool:
+    """A completion or a give-up settles its job; retries and releases leave the graph as is."""
+    return isinstance(f, Completion) or (isinstance(f, Failure) and isinstance(f.outcome, GiveUp))
+
+
 def _settle(
-    conn: Connection, spec_of: SpecOf, taken: list[tuple[Finish, Job]], now: float
+    conn: Connection,
+    spec_of: SpecOf,
+    settled: list[tuple[Finish, Job]],
+    states: Mapping[str, Item],
+    now: float,
 ) -> set[str]:
-    """Outputs and errors onto the items, then what follows from the settled jobs."""
-    settled = [
-        (f, job)
-        for f, job in taken
-        if isinstance(f, Completion) or (isinstance(f, Failure) and isinstance(f.outcome, GiveUp))
-    ]
-    if not settled:
-        return set()  # retries and releases leave the graph as it was: no run lock needed
-    touched: dict[str, graph.Touched] = {}
-    for run_id in sorted({job.run_id for _, job in settled}):
-        lock_run(conn, run_id)
-        touched[run_id] = graph.Touched()
+    """Outputs and errors onto the items of the settled jobs, then what follows (graph.settle).
+    The caller holds the runs' locks."""
+    touched = {job.run_id: graph.Touched() for _, job in settled}
     outputs: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     for f, job in settled:
@@ -165,18 +147,4 @@ def _settle(
             outputs.setdefault(job.item_id, {})[job.stage] = f.output
         elif isinstance(f, Failure) and isinstance(f.outcome, GiveUp):
             errors[job.item_id] = f"{job.stage}: {f.outcome.reason}"
-    if outputs:
-        # read-modify-write of the outputs is safe: every writer of an item holds the run lock
-        current = dict(
-            conn.execute(select(items.c.id, items.c.outputs).where(items.c.id.in_(outputs))).all()
-        )
-        conn.execute(
-            update(items).where(items.c.id == bindparam("b_id")).values(outputs=bindparam("b_o")),
-            [{"b_id": i, "b_o": {**(current.get(i) or {}), **new}} for i, new in outputs.items()],
-        )
-    if errors:
-        conn.execute(
-            update(items).where(items.c.id == bindparam("b_id")).values(error=bindparam("b_e")),
-            [{"b_id": i, "b_e": e} for i, e in errors.items()],
-        )
-    return graph.settle(conn, spec_of, touched, now)
+    return graph.settle(conn, spec_of, touched, now, states=states, outputs=outputs, errors=errors)
