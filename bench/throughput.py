@@ -42,12 +42,19 @@ flushes its counters when it goes idle, at most once a second, and always when i
 (pg_stat_force_next_flush() acts only on the calling session), so the second read waits until
 no client backend of the database is left and clears its own stats snapshot first.
 
-peak_rss_mib is the largest ru_maxrss among the worker processes. Every system keeps its
-default durability (logged tables; the server's synchronous_commit) and runs on plain asyncio.
-`--variants all` runs the whole settings grid (SWEEP); the default variants are the fastest of
-it on the development machine (2 cores, shared by PostgreSQL and the workers) plus each peer's
-documented defaults. For each peer, ours is compared with its fastest run over all variants
-and process counts ("best"), and with each variant's fastest ("by_variant").
+CPU: worker_cpu_s is the workers' own CPU time from the release to the drain's end (so
+worker_cpu_ms_per_job is the client side's cost of a job); machine_cpu_busy is the busy share of
+all CPUs from the release to the last exit (workers, PostgreSQL and anything else: 1.0 = every
+core saturated), cpu_busy_before the same over the second before the release. Other work on
+the machine shows as a high cpu_busy_before, or as machine_cpu_busy well above what the workers'
+and PostgreSQL's share could be. peak_rss_mib is the largest peak RSS (VmHWM) of the workers.
+
+Every system keeps its default durability (logged tables; the server's synchronous_commit) and
+runs on plain asyncio. `--variants all` runs the whole settings grid (SWEEP). The default
+variants are the fastest of it on the development machine (2 cores, shared by PostgreSQL and
+the workers), plus each peer's documented defaults. For each peer, ours is compared with the
+peer's fastest run over all variants and process counts ("best"), and with each variant's
+fastest run ("by_variant").
 
 Progress goes to stderr; the last line of stdout is a JSON object (with --json, the only line).
 """
@@ -120,11 +127,19 @@ DEFAULT: dict[str, list[str]] = {
 
 # worker processes: one entry point per system --------------------------------------------------
 class Tracker:
-    """When this process's first job started and how many jobs it ran."""
+    """A worker's side of the measurement: the release, its first job, its jobs, the drain."""
 
     def __init__(self) -> None:
         self.first: float | None = None
         self.jobs = 0
+        self._cpu0 = 0.0
+        self._report: dict[str, Any] = {}
+
+    def wait_for_go(self) -> None:
+        print(READY, flush=True)
+        if sys.stdin.readline().strip() != GO:
+            raise SystemExit("driver went away")
+        self._cpu0 = time.process_time()
 
     def started(self) -> None:
         if self.first is None:
@@ -133,11 +148,16 @@ class Tracker:
     def finished(self) -> None:
         self.jobs += 1
 
+    def drained(self) -> None:
+        self._report = {
+            "drained_at": time.time(),
+            "cpu_s": time.process_time() - self._cpu0,
+            "first_start": self.first,
+            "jobs": self.jobs,
+        }
 
-def wait_for_go() -> None:
-    print(READY, flush=True)
-    if sys.stdin.readline().strip() != GO:
-        raise SystemExit("driver went away")
+    def report(self, **extra: Any) -> dict[str, Any]:
+        return {**self._report, **extra}
 
 
 def ours_pipeline() -> Any:
@@ -170,16 +190,12 @@ def worker_ours(dsn: str, settings: dict[str, Any]) -> dict[str, Any]:
         settings=DispatcherSettings(**settings),
         on_event=on_event,
     )
-    wait_for_go()
+    tracker.wait_for_go()
     stats = anyio.run(dispatcher.run_until_idle)
-    drained = time.time()
+    tracker.drained()
     store.close()
-    return {
-        "first_start": tracker.first,
-        "drained_at": drained,
-        "jobs": tracker.jobs,
-        "dispatch_stats": {k: getattr(stats, k) for k in ("claimed", "succeeded", "deferred")},
-    }
+    counts = {k: getattr(stats, k) for k in ("claimed", "succeeded", "deferred")}
+    return tracker.report(dispatch_stats=counts)
 
 
 async def pgqueuer_driver(dsn: str, driver: str) -> Any:
@@ -207,21 +223,21 @@ def worker_pgqueuer(dsn: str, settings: dict[str, Any]) -> dict[str, Any]:
         tracker.started()
         tracker.finished()
 
-    async def work() -> float:
+    async def work() -> None:
         pgqs = []
         for _ in range(settings["queues"]):  # like its benchmark's dequeue tasks
             pgq = PgQueuer(await pgqueuer_driver(dsn, settings["driver"]))
             pgq.entrypoint("noop")(noop)
             pgqs.append(pgq)
-        await asyncio.to_thread(wait_for_go)
+        await asyncio.to_thread(tracker.wait_for_go)
         mode = QueueExecutionMode.drain
         await asyncio.gather(
             *(pgq.run(batch_size=settings["batch_size"], mode=mode) for pgq in pgqs)
         )
-        return time.time()
+        tracker.drained()
 
-    drained = asyncio.run(work())
-    return {"first_start": tracker.first, "drained_at": drained, "jobs": tracker.jobs}
+    asyncio.run(work())
+    return tracker.report()
 
 
 def procrastinate_app(dsn: str, pool_size: int, body: Callable[[], None]) -> tuple[Any, Any]:
@@ -249,20 +265,20 @@ def worker_procrastinate(dsn: str, settings: dict[str, Any]) -> dict[str, Any]:
 
     app, _ = procrastinate_app(dsn, concurrency + 1, body)  # a fetch beside finishing jobs
 
-    async def work() -> float:
+    async def work() -> None:
         async with app.open_async():
             await app.connector.pool.wait()  # every connection open before the release
-            await asyncio.to_thread(wait_for_go)
+            await asyncio.to_thread(tracker.wait_for_go)
             await app.run_worker_async(
                 concurrency=concurrency,
                 wait=False,
                 install_signal_handlers=False,
                 delete_jobs=settings.get("delete_jobs", "never"),
             )
-            return time.time()
+            tracker.drained()
 
-    drained = asyncio.run(work())
-    return {"first_start": tracker.first, "drained_at": drained, "jobs": tracker.jobs}
+    asyncio.run(work())
+    return tracker.report()
 
 
 WORKERS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
@@ -272,9 +288,19 @@ WORKERS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS. Not ru_maxrss: a child spawned by vfork+exec starts with its
+    parent's (the driver holds all the enqueued jobs by then); VmHWM starts afresh at exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def worker_main(system: str, dsn: str, spec: str) -> None:
     result = WORKERS[system](dsn, json.loads(spec))
-    result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_kib"] = peak_rss_kib()
     print(json.dumps(result), flush=True)
 
 
@@ -420,21 +446,27 @@ class Server:
         return tuple(row)
 
 
-def cpu_busy(sample_s: float = 1.0) -> float | None:
-    """The machine's share of non-idle CPU time over `sample_s` (Linux /proc/stat), 0..1."""
-
-    def times() -> tuple[int, int]:
+def cpu_times() -> tuple[int, int] | None:
+    """All CPUs' (total, idle + iowait) jiffies so far (Linux /proc/stat), or None."""
+    try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = times()
-        time.sleep(sample_s)
-        total1, idle1 = times()
     except OSError:
         return None
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+    return sum(fields), fields[3] + fields[4]
+
+
+def busy_share(since: tuple[int, int] | None, until: tuple[int, int] | None) -> float | None:
+    """The machine's non-idle share of all CPU time between two cpu_times() readings, 0..1."""
+    if since is None or until is None:
+        return None
+    return 1 - (until[1] - since[1]) / max(1, until[0] - since[0])
+
+
+def cpu_busy(sample_s: float = 1.0) -> float | None:
+    start = cpu_times()
+    time.sleep(sample_s)
+    return busy_share(start, cpu_times())
 
 
 def wait_quiet(label: str, busy_max: float = 0.1, patience_s: float = 180.0) -> float | None:
@@ -486,9 +518,9 @@ def run_config(server: Server, variant: Variant, processes: int, n: int) -> dict
         before = server.transactions(db)
         busy = wait_quiet(label)
         workers = spawn_workers(variant, dsn, processes)
-        released = release(workers)
+        released, cpu_at_release = release(workers), cpu_times()
         outs = [w.communicate(timeout=3600)[0] for w in workers]
-        exited = time.time()
+        exited, busy_during = time.time(), busy_share(cpu_at_release, cpu_times())
         if codes := [w.returncode for w in workers if w.returncode]:
             raise RuntimeError(f"{label}: a worker failed (exit codes {codes})")
         reports = [json.loads(out.strip().splitlines()[-1]) for out in outs]
@@ -518,13 +550,20 @@ def run_config(server: Server, variant: Variant, processes: int, n: int) -> dict
         "transactions": xacts,
         "transactions_per_job": round(xacts / n, 3),
         "peak_rss_mib": round(max(r["peak_rss_kib"] for r in reports) / 1024, 1),
-        "cpu_busy_before": None if busy is None else round(busy, 3),
+        "worker_cpu_s": round(sum(r["cpu_s"] for r in reports), 2),
+        "worker_cpu_ms_per_job": round(1000 * sum(r["cpu_s"] for r in reports) / n, 3),
+        "machine_cpu_busy": rounded(busy_during),
+        "cpu_busy_before": rounded(busy),
         "jobs_per_process": [r["jobs"] for r in reports],
         **summed_stats(reports),
         **extra,
     }
     log(f"{label}: {json.dumps(result)}")
     return result
+
+
+def rounded(share: float | None) -> float | None:
+    return None if share is None else round(share, 3)
 
 
 def summed_stats(reports: list[dict[str, Any]]) -> dict[str, Any]:
