@@ -451,6 +451,8 @@ class Dispatcher:
             except Exception:
                 continue  # the store is away: the next beat tries again, well inside the lease
             for (job_id, (box, stage, scope)), lease in zip(live, renewed, strict=True):
+                if job_id not in self._live:
+                    continue  # finished meanwhile: its lease ended with it
                 if lease is None:
                     self.stats.leases_lost += 1
                     self._emit(events.LeaseLost(job_id, stage))
@@ -560,6 +562,9 @@ class Dispatcher:
 
     async def _finish(self, done: Finish) -> bool:
         """Queue `done` for the next group commit and wait for it; False if the lease was lost."""
+        # no more heartbeats: the job is being finished (a renewal racing the commit would
+        # find it no longer running and call the lease lost)
+        live = self._live.pop(done.lease.job_id, None)
         pending = _Pending(done)
         self._pending.append(pending)
         self._flush_wake.set()
@@ -575,9 +580,7 @@ class Dispatcher:
             raise pending.error
         if not pending.held:
             self.stats.leases_lost += 1
-            job_id = done.lease.job_id
-            stage = self._live[job_id][1] if job_id in self._live else ""
-            self._emit(events.LeaseLost(job_id, stage))
+            self._emit(events.LeaseLost(done.lease.job_id, live[1] if live else ""))
         return pending.held
 
     async def _run_stage(self, claimed: ClaimedJob, lease_box: list[Lease]) -> None:

@@ -79,7 +79,7 @@ def claim_work(
     considered = 0
     first_round = True
     while len(claim.jobs) < limit and considered < budget:
-        rows = conn.execute(_candidates(now, stages, pipeline, seen, budget - considered)).all()
+        rows = _candidate_rows(conn, now, stages, pipeline, seen, budget - considered)
         if not rows:
             break
         found: list[tuple[Job, bool]] = []
@@ -252,28 +252,39 @@ def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now:
         )
 
 
-def _candidates(
-    now: float, stages: Collection[str] | None, pipeline: str | None, seen: set[str], n: int
-) -> Any:
-    query = (
-        select(jobs)
-        .where(
-            or_(
-                and_(jobs.c.status == JobStatus.READY.value, jobs.c.next_run_at <= now),
-                and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_expires_at <= now),
-            )
+def _candidate_rows(
+    conn: Connection,
+    now: float,
+    stages: Collection[str] | None,
+    pipeline: str | None,
+    seen: set[str],
+    n: int,
+) -> list[Row[Any]]:
+    """The first `n` claimable jobs in claim order: due READY jobs and expired leases, each
+    read by an index scan that stops at `n` (ix_lbq_jobs_claim_order; the RUNNING jobs are few)
+    rather than one query whose OR would sort the whole queue, then merged."""
+    order = (jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
+    found: list[Row[Any]] = []
+    for status, due in (
+        (JobStatus.READY, jobs.c.next_run_at),
+        (JobStatus.RUNNING, jobs.c.lease_expires_at),
+    ):
+        query = (
+            select(jobs)
+            .where(jobs.c.status == status.value, due <= now)
+            .order_by(*order)
+            .limit(n)
+            .with_for_update(skip_locked=True)
         )
-        .order_by(jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
-        .limit(n)
-        .with_for_update(skip_locked=True)
-    )
-    if stages is not None:
-        query = query.where(jobs.c.stage.in_(list(stages)))
-    if pipeline is not None:
-        query = query.where(jobs.c.pipeline == pipeline)
-    if seen:
-        query = query.where(jobs.c.id.not_in(list(seen)))
-    return query
+        if stages is not None:
+            query = query.where(jobs.c.stage.in_(list(stages)))
+        if pipeline is not None:
+            query = query.where(jobs.c.pipeline == pipeline)
+        if seen:
+            query = query.where(jobs.c.id.not_in(list(seen)))
+        found += conn.execute(query).all()
+    found.sort(key=lambda r: (-r.priority, r.fair_key, r.next_run_at, r.id))
+    return found[:n]  # the rest stay as they were (locked until this transaction ends)
 
 
 def virtual_time(conn: Connection, pipeline: str, now: float) -> float:
