@@ -263,6 +263,7 @@ class Dispatcher:
                                            max_wait_s, stop, run_id)  # fmt: skip
             finally:
                 background.cancel_scope.cancel()
+                self._stop = None
         with anyio.CancelScope(shield=True):
             await self._drain_outbox()
         return self.stats
@@ -308,17 +309,13 @@ class Dispatcher:
                     # the store is away (a restart, a network cut): jobs in flight carry on,
                     # and claiming resumes once it answers again
                     self.stats.store_errors += 1
-                    self._planned.clear()
+                    self._forget_plans(set())
                     await anyio.sleep(self.settings.idle_poll_s)
                     continue
                 claimed = claim.jobs
                 for denied in claim.denied:
                     self._denied(denied)
-                taken = {c.job.id for c in claimed}
-                for job_id in self._planned:  # planned, then not handed out
-                    if job_id not in taken:
-                        self._prepared.pop(job_id, None)
-                self._planned.clear()
+                self._forget_plans({c.job.id for c in claimed})
             for job in claimed:
                 started += 1
                 self._in_flight += 1
@@ -348,6 +345,13 @@ class Dispatcher:
                 if max_wait_s is not None and due - now > max_wait_s:
                     return
             await self._wait(due)
+
+    def _forget_plans(self, taken: set[str]) -> None:
+        """Drop what the last claim's plan prepared for jobs it did not hand out."""
+        for job_id in self._planned:
+            if job_id not in taken:
+                self._prepared.pop(job_id, None)
+        self._planned.clear()
 
     async def _finished(self, run_id: str) -> bool:
         try:
