@@ -86,6 +86,7 @@ class Bookings:
     admission: Admission | None = None
     quotas: dict[str, Quota] = field(default_factory=dict)
     made: list[Reservation] = field(default_factory=list)
+    _days: dict[str, float] = field(default_factory=dict)  # day_start by time zone: once a claim
 
     def book(self, model: str, limits: ModelLimits, tokens: int) -> Reservation | Deny:
         """The caller holds the model's lock (lock_model)."""
@@ -96,10 +97,10 @@ class Bookings:
         verdict: Verdict = quota.book(tokens)
         if isinstance(verdict, Deny):
             return verdict
-        now = self.now
-        made = Reservation(
-            model, tokens, now, window_slot(now), day_start(now, limits.day_tz), limits.day_tz
-        )
+        now, tz = self.now, limits.day_tz
+        if (day := self._days.get(tz)) is None:
+            day = self._days[tz] = day_start(now, tz)
+        made = Reservation(model, tokens, now, window_slot(now), day, tz)
         self.made.append(made)
         return made
 
