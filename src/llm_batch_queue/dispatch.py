@@ -88,8 +88,8 @@ class DispatcherSettings:
     lease_s: float = 60.0
     heartbeat_s: float = 15.0
     idle_poll_s: float = 1.0
-    # jobs claimed (and booked) per claim transaction; after a quota denial the dispatcher
-    # claims one, then doubles while they get through (see _got_through)
+    # jobs claimed (and booked) per claim transaction. A claim stops booking a model once its
+    # quota has no room left, so a large batch costs nothing extra when little room frees up
     claim_batch: int = 32
     job_timeout_s: float = 900.0  # a stage (model call or task) running longer is failed
     # reserve what the adapter's count_tokens says (one more request per new prompt, cached)
@@ -186,7 +186,6 @@ class Dispatcher:
         self._stage_hold: dict[str, tuple[float, str]] = {}
         self._counted: dict[tuple[str, bytes], int] = {}  # count_tokens answers, by prompt
         self._prepared: dict[str, _Prepared] = {}  # by job id, from the claim's plan
-        self._claim_batch = self.settings.claim_batch  # jobs to claim per turn (see _loop)
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._wake = anyio.Event()
@@ -289,7 +288,7 @@ class Dispatcher:
                 continue
             now = self.clock.now()
             budget_left = deadline is None or now < deadline
-            room = min(self.settings.concurrency - self._in_flight, self._claim_batch)
+            room = min(self.settings.concurrency - self._in_flight, self.settings.claim_batch)
             if max_jobs is not None:
                 room = min(room, max_jobs - started)
             claimed: list[ClaimedJob] = []
@@ -516,18 +515,7 @@ class Dispatcher:
             if until <= now or deny.retry_at < until:
                 self._stage_hold[stage] = (deny.retry_at, deny.reason)
         self.stats.deferred += 1
-        self._claim_batch = 1
         self._emit(events.Deferred(denied.job.id, stage, denied.model, deny.reason, deny.retry_at))
-
-    def _got_through(self) -> None:
-        """A claimed job started work: after a quota denial, claim more at a time again.
-
-        A model at its limit frees a slot now and then; claiming a full batch the moment it
-        does means one booking admitted and the rest denied, in every worker at once:
-        transactions that buy nothing. So after a denial the dispatcher claims one job, then
-        two, four, ... (up to claim_batch) while they get through.
-        """
-        self._claim_batch = min(self._claim_batch * 2, self.settings.claim_batch)
 
     # one job --------------------------------------------------------------------------------------
     async def _run_job(self, claimed: ClaimedJob) -> None:
@@ -628,7 +616,6 @@ class Dispatcher:
         self, stage: TaskStage, claimed: ClaimedJob, lease_box: list[Lease]
     ) -> None:
         started = self.clock.now()
-        self._got_through()
         try:
             output = await stage.run(await self._context(claimed, None))
         except Exception as exc:  # a handler's bug must not kill the dispatcher
@@ -672,7 +659,6 @@ class Dispatcher:
             )
             job = replace(job, model_index=prepared.model_index, model_failures=0)
             claimed = replace(claimed, job=job)
-        self._got_through()
         model, request = booking.model, prepared.request
         started = self.clock.now()
         if self._local_blocks.get(model, 0.0) > started:

@@ -44,6 +44,7 @@ from llm_batch_queue.limits import (
     window_slot,
 )
 from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
+from llm_batch_queue.store._memory_tables import ItemTable, JobTable
 from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
 from llm_batch_queue.store.base import (
     Booking,
@@ -61,6 +62,11 @@ from llm_batch_queue.store.milestones import Milestones
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
 KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
+class _Left:
+    """A claim's verdict for a job it leaves as it was (its model has no room left)."""
+
+
+_LEFT = _Left()
 LOOKAHEAD = 16  # candidates a claim looks at beyond its limit, for backfilling behind a denial
 
 
@@ -69,8 +75,8 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._runs: dict[str, Run] = {}
         self._stages: dict[str, dict[str, StageSpec]] = {}
-        self._items: dict[str, Item] = {}
-        self._jobs: dict[str, Job] = {}
+        self._items = ItemTable()
+        self._jobs = JobTable()
         self._leases: dict[str, Lease] = {}
         self._attempts: list[Attempt] = []
         # the rate ledger: (model, slot) -> [requests, tokens, open requests]; (model, day) -> n
@@ -149,7 +155,7 @@ class MemoryStore:
         run at `now`, or 0 if there are none. A new run's jobs are keyed from here (jobs.Job)."""
         keys = [
             j.fair_key
-            for j in self._jobs.values()
+            for j in self._jobs.open_jobs()
             if j.status is JobStatus.READY
             and j.next_run_at <= now
             and self._runs[j.run_id].pipeline == pipeline
@@ -169,26 +175,22 @@ class MemoryStore:
 
     def items(self, run_id: str) -> list[Item]:
         with self._lock:
-            return [i for i in self._items.values() if i.run_id == run_id]
+            return self._items.of_run(run_id)
 
     def jobs(self, run_id: str) -> list[Job]:
         with self._lock:
-            return [j for j in self._jobs.values() if j.run_id == run_id]
+            return self._jobs.of_run(run_id)
 
     def attempts(self, run_id: str) -> list[Attempt]:
         with self._lock:
-            ids = {j.id for j in self._jobs.values() if j.run_id == run_id}
+            ids = set(self._jobs.by_run.get(run_id, ()))
             return [a for a in self._attempts if a.job_id in ids]
 
     def counts(self, run_id: str) -> RunCounts:
         with self._lock:
             counts = RunCounts()
-            for item in self.items(run_id):
-                key = item.status.value
-                counts.items_by_status[key] = counts.items_by_status.get(key, 0) + 1
-            for job in self.jobs(run_id):
-                pair = (job.stage, job.status.value)
-                counts.jobs_by_stage_status[pair] = counts.jobs_by_stage_status.get(pair, 0) + 1
+            counts.items_by_status.update(self._items.tally.get(run_id, {}))
+            counts.jobs_by_stage_status.update(self._jobs.tally.get(run_id, {}))
             return counts
 
     # admin actions -------------------------------------------------------------------------------
@@ -209,9 +211,7 @@ class MemoryStore:
                 self._runs[run_id] = replace(
                     run, status=RunStatus.RUNNING, finished_at=None, round=run.round + 1
                 )
-            for job in list(self._jobs.values()):
-                if job.run_id != run_id:
-                    continue
+            for job in self._jobs.of_run(run_id):
                 if job.item_id is None or (
                     job.item_id == item.id and job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
                 ):
@@ -226,7 +226,7 @@ class MemoryStore:
                         next_run_at=now,
                         output=None,
                     )
-            siblings = {j.stage: j for j in self._jobs.values() if j.item_id == item.id}
+            siblings = {j.stage: j for j in self._jobs.of_item(item.id)}
             stages = self._stages[run_id]
             step = transitions.item_step(stages, {s: j.status for s, j in siblings.items()})
             self._apply(step, siblings, now)
@@ -242,8 +242,8 @@ class MemoryStore:
                 raise ValueError(not_skippable(item))
             note = skip_note(reason)
             cancelled: set[str] = set()
-            for job in list(self._jobs.values()):
-                if job.item_id == item.id and not job.status.settled:
+            for job in self._jobs.of_item(item.id):
+                if not job.status.settled:
                     self._leases.pop(job.id, None)  # its worker now gets LeaseLost (D-10)
                     self._jobs[job.id] = replace(job, status=JobStatus.CANCELLED, last_error=note)
                     cancelled.add(job.stage)
@@ -261,7 +261,7 @@ class MemoryStore:
         self, now: float, stages: Collection[str] | None, pipeline: str | None
     ) -> list[tuple[Job, bool]]:
         found: list[tuple[Job, bool]] = []
-        for job in self._jobs.values():
+        for job in self._jobs.open_jobs():
             if not self._wanted(job, stages, pipeline):
                 continue
             if job.status is JobStatus.READY and job.next_run_at <= now:
@@ -307,6 +307,7 @@ class MemoryStore:
             quotas: dict[str, Quota] = {}
             considered = 0  # as the SQL store's LIMIT: denied and postponed jobs count too
             budget = limit  # more after a denial that leaves room to backfill (claims.py)
+            spent: set[str] = set()  # models denied with no room left (claims.py)
             for job, reclaimed in self._claimable(now, stages, pipeline):
                 if considered >= budget or len(claim.jobs) >= limit:
                     break
@@ -331,11 +332,17 @@ class MemoryStore:
                     copy.deepcopy(running),
                     reclaimed,
                 )
-                booked = self._plan_and_book(candidate, plan, quotas, now)
+                booked = self._plan_and_book(candidate, plan, quotas, now, spent)
+                if isinstance(booked, _Left):
+                    if reclaimed:  # as after a denial
+                        self._jobs[job.id] = replace(job, status=JobStatus.READY)
+                    continue
                 if isinstance(booked, Denied):
                     claim.denied.append(booked)
                     if quotas[booked.model].can_backfill:
                         budget = max(budget, limit + LOOKAHEAD)
+                    else:
+                        spent.add(booked.model)
                     if reclaimed:  # its expired lease is gone: it waits READY like the rest
                         self._jobs[job.id] = replace(job, status=JobStatus.READY)
                     continue
@@ -352,13 +359,21 @@ class MemoryStore:
             return claim
 
     def _plan_and_book(
-        self, candidate: ClaimedJob, plan: Plan, quotas: dict[str, Quota], now: float
-    ) -> Reservation | Denied | Postpone | None:
-        """Ask the plan what to reserve; a spent day parks the model and asks again."""
+        self,
+        candidate: ClaimedJob,
+        plan: Plan,
+        quotas: dict[str, Quota],
+        now: float,
+        spent: Collection[str] = (),
+    ) -> Reservation | Denied | Postpone | _Left | None:
+        """Ask the plan what to reserve; a spent day parks the model and asks again. A job for
+        a model in `spent` is left as it is (_LEFT)."""
         while True:
             wanted = plan(candidate, lambda model: self.model_state(model, now))
             if not isinstance(wanted, Booking):
                 return wanted
+            if wanted.model in spent:
+                return _LEFT
             quota = quotas.get(wanted.model)
             if quota is None:
                 quota = quotas[wanted.model] = Quota(
@@ -398,7 +413,7 @@ class MemoryStore:
         with self._lock:
             times = [
                 j.next_run_at if j.status is JobStatus.READY else self._leases[j.id].expires_at
-                for j in self._jobs.values()
+                for j in self._jobs.open_jobs()
                 if j.status in (JobStatus.READY, JobStatus.RUNNING)
                 and self._wanted(j, stages, pipeline)
             ]
@@ -530,7 +545,7 @@ class MemoryStore:
         stages = self._stages[run_id]
         milestones = self._milestones(run_id)
         if item_id is not None:
-            siblings = {j.stage: j for j in self._jobs.values() if j.item_id == item_id}
+            siblings = {j.stage: j for j in self._jobs.of_item(item_id)}
             step = transitions.item_step(stages, {s: j.status for s, j in siblings.items()})
             self._apply(step, siblings, now)
             statuses = {s: self._jobs[j.id].status for s, j in siblings.items()}
@@ -565,7 +580,7 @@ class MemoryStore:
             if self._stages[run_id][stage].scope is Scope.ITEM and not JobStatus(st).settled
         )
         run_jobs = {
-            j.stage: j for j in self._jobs.values() if j.run_id == run_id and j.item_id is None
+            j.stage: j for j in self._jobs.of_run(run_id) if j.item_id is None
         }
         step = transitions.run_step(
             self._stages[run_id], {s: j.status for s, j in run_jobs.items()}, unsettled == 0

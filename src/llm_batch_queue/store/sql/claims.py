@@ -76,6 +76,7 @@ def claim_work(
     # so neither is claimed again in the same call
     seen: set[str] = set()
     budget = limit  # candidates to look at: more after a denial that leaves room to backfill
+    spent: set[str] = set()  # models denied with no room left: their jobs stay as they are
     considered = 0
     first_round = True
     while len(claim.jobs) < limit and considered < budget:
@@ -114,11 +115,16 @@ def claim_work(
             if len(claim.jobs) >= limit:
                 break  # the rest stay as they were
             considered += 1
-            outcome = _book(conn, candidate, want, plan, state, bookings, blocks, locked, now)
+            if isinstance(want, Booking) and want.model in spent:
+                outcome: Reservation | Denied | Postpone | _Skip | None = _Skip()
+            else:
+                outcome = _book(conn, candidate, want, plan, state, bookings, blocks, locked, now)
             if isinstance(outcome, Denied):
                 claim.denied.append(outcome)
                 if bookings.quotas[outcome.model].can_backfill:
                     budget = max(budget, limit + LOOKAHEAD)
+                else:
+                    spent.add(outcome.model)
             if isinstance(outcome, Denied | Postpone | _Skip):
                 _unclaimed(conn, candidate, outcome, now)
                 continue
