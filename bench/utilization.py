@@ -1,6 +1,6 @@
 """How much of a model's rate limit the dispatchers use, with 1 and with 4 worker processes.
 
-    .venv/bin/python bench/utilization.py [--json] [--seconds 125] [--processes 1,4]
+    .venv/bin/python bench/utilization.py [--json] [--seconds 245] [--processes 1,4]
         [--configs rpm,tpm,tpm-counted] [--pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres]
 
 Each configuration gets a fresh PostgreSQL database, a simulator process enforcing the limits
@@ -28,9 +28,12 @@ Utilization, precisely. From the simulator's own record of admitted calls (time,
 Every 60-s window may carry at most the limit (the provider refuses more), so utilization <= 1
 whatever the traffic does: the burst a sliding window allows at the start cannot inflate it
 (counting requests in [t0, t0+65) against 65/60 of a limit would report ~1.85). A dispatcher
-that reuses a freed slot d seconds late scores about 60/(60+d). With --seconds 120 or more the
-windows' starts sweep a whole minute, so the figure is the steady state rather than one phase
-of it; shorter runs measure less and noisier.
+that reuses a freed slot d seconds late scores about 60/(60+d). The run's opening burst comes
+back every 60 + d seconds, and each return opens a gap of about d in the windows that end just
+after it; a span of window starts that is not a whole number of those cycles over- or
+under-counts gaps (125 s, a 65-s span, holds two of them: ~0.7 % of utilization too little).
+The default, 245 s, sweeps three minutes of window starts, so that edge effect is under a
+third of that; shorter runs measure one phase of the cycle more than the steady state.
 
 Also reported: provider_429 (the simulator's count of 429 answers), max_requests_any_60s and
 max_input_tokens_any_60s (the simulator's exact maxima over any 60-s window of the whole run).
@@ -120,12 +123,20 @@ def worker(store_url: str, simulator_url: str, config: Config) -> None:
     async def work() -> dict[str, Any]:
         store = open_store(store_url)
         adapter = GeminiAdapter(api_key="simulated", base_url=simulator_url, timeout_ms=30_000)
+        trace = os.environ.get("LBQ_BENCH_DUMP")  # diagnostics: when each job was claimed
+        log_file = open(f"{trace}/events-{os.getpid()}.jsonl", "w") if trace else None  # noqa: SIM115
+
+        def on_event(event: object) -> None:
+            if log_file is not None:
+                log_file.write(json.dumps([time.time(), type(event).__name__, asdict(event)]) + "\n")
+
         dispatcher = Dispatcher(
             store,
             pipeline(),
             adapter,
             limits={MODEL: ModelLimits(rpm=config.rpm, tpm=config.tpm)},
             settings=settings,
+            on_event=on_event,
         )
         stop = anyio.Event()
         try:
@@ -314,7 +325,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
-    parser.add_argument("--seconds", type=float, default=125.0, help="saturated span, >= 60")
+    parser.add_argument("--seconds", type=float, default=245.0, help="saturated span, >= 60")
     parser.add_argument("--processes", default="1,4", help="comma-separated worker counts")
     parser.add_argument("--configs", default="rpm,tpm,tpm-counted", help=", ".join(CONFIGS))
     parser.add_argument(
