@@ -98,7 +98,7 @@ class Variant:
 SWEEP: dict[str, list[Variant]] = {
     "ours": [
         Variant("ours", f"c{c}-b{b}", {"concurrency": c, "claim_batch": b, "idle_poll_s": 0.1})
-        for c, b in ((16, 4), (32, 16), (64, 32))
+        for c, b in ((16, 4), (32, 16), (64, 32), (128, 64), (256, 128))
     ],
     "pgqueuer": [
         Variant("pgqueuer", f"{d}-q{q}-b{b}", {"driver": d, "queues": q, "batch_size": b})
@@ -112,7 +112,7 @@ SWEEP: dict[str, list[Variant]] = {
     ],
 }
 DEFAULT: dict[str, list[str]] = {
-    "ours": ["c32-b16"],
+    "ours": ["c32-b16", "c256-b128"],  # the dispatcher's defaults are c16-b32
     "pgqueuer": [
         "asyncpg-q1-b10",  # PgQueuer.run's defaults: one instance, batch_size 10
         "asyncpg-q5-b10",  # its benchmark's: 5 dequeue tasks of batch size 10
