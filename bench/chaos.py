@@ -232,7 +232,10 @@ def _progress(engine: Any, text: Any, run_id: str) -> tuple[str, int]:
                 text("SELECT status FROM lbq_runs WHERE id = :r"), {"r": run_id}
             ).scalar_one()
             pending = conn.execute(
-                text("SELECT count(*) FROM lbq_outbox WHERE run_id = :r AND status = 'pending'"),
+                text(
+                    "SELECT count(*) FROM lbq_outbox"
+                    " WHERE run_id = :r AND status IN ('pending', 'sending')"
+                ),
                 {"r": run_id},
             ).scalar_one()
         return str(status), int(pending)

@@ -1023,29 +1023,34 @@ class StoreContract:
         pending = store.pending_notifications(T0, limit=2)
         assert [n.kind for n in pending] == ["run_queued", STAGE_COMPLETE]
         assert all(n.status == "pending" and n.attempts == 0 for n in pending)
-        first, second = pending
-        store.mark_notification(first.id, sent=True, now=T0 + 1)
-        store.mark_notification(
+        first, second = store.claim_notifications(T0, limit=2, hold_s=30.0)
+        assert (first.status, first.next_attempt_at) == ("sending", T0 + 30.0)
+        assert store.mark_notification(first.id, sent=True, now=T0 + 1, provider_id="<m1@x>")
+        assert store.mark_notification(
             second.id, sent=False, now=T0 + 1, error="smtp down", retry_at=T0 + 60
         )
         assert second.id not in [n.id for n in store.pending_notifications(T0 + 59)]
         assert second.id in [n.id for n in store.pending_notifications(T0 + 60)]
         by_id = {n.id: n for n in store.notifications(run.id)}
-        assert (by_id[first.id].status, by_id[first.id].sent_at, by_id[first.id].attempts) == (
-            "sent",
-            T0 + 1,
-            1,
-        )
-        assert (by_id[second.id].error, by_id[second.id].next_attempt_at) == ("smtp down", T0 + 60)
-        store.mark_notification(second.id, sent=False, now=T0 + 61, error="bounced")
+        assert (
+            by_id[first.id].status,
+            by_id[first.id].sent_at,
+            by_id[first.id].attempts,
+            by_id[first.id].provider_id,
+        ) == ("sent", T0 + 1, 1, "<m1@x>")
+        assert (by_id[second.id].status, by_id[second.id].error) == ("pending", "smtp down")
+        assert by_id[second.id].next_attempt_at == T0 + 60
+        [again] = [n for n in store.claim_notifications(T0 + 60) if n.id == second.id]
+        assert store.mark_notification(again.id, sent=False, now=T0 + 61, error="bounced")
         failed = next(n for n in store.notifications(run.id) if n.id == second.id)
         assert (failed.status, failed.attempts) == ("failed", 2)
+        # a sent row stays as it was sent
+        assert not store.mark_notification(first.id, sent=True, now=T0 + 99)
+        assert next(n for n in store.notifications(run.id) if n.id == first.id).sent_at == T0 + 1
         with pytest.raises(KeyError):
             store.mark_notification(10**9, sent=True, now=T0)
 
-    def test_claimed_notifications_are_hidden_from_other_senders(self, store: Store) -> None:
-        """Two dispatchers draining one outbox never get the same row (D-26)."""
-
+    def _one_queued_note(self, store: Store) -> str:
         specs = {"a": StageSpec("a", Scope.ITEM)}
         run = store.create_run(
             pipeline="p",
@@ -1054,12 +1059,73 @@ class StoreContract:
             items=[NewItem("x", 1)],
             meta={},
             now=100.0,
-            notify=KINDS,
+            notify={"run_queued"},
         )
+        return run.id
+
+    def test_claimed_notifications_are_hidden_from_other_senders(self, store: Store) -> None:
+        """Two dispatchers draining one outbox never get the same row (D-26)."""
+        run_id = self._one_queued_note(store)
         first = store.claim_notifications(100.0, hold_s=60.0)
-        assert [n.kind for n in first] == ["run_queued"]
+        assert [(n.kind, n.status) for n in first] == [("run_queued", "sending")]
         assert store.claim_notifications(100.0) == []  # taken: invisible to a second sender
-        assert [n.run_id for n in store.claim_notifications(161.0)] == [run.id]  # sender died
+        assert store.claim_notifications(159.0, idempotent=True) == []  # still held
+        [note] = store.notifications(run_id)
+        assert (note.status, note.dedupe_key) == ("sending", f"{run_id}/run_queued/")
+
+    def test_a_row_whose_sender_died_is_in_doubt_and_never_sent_again(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [claimed] = store.claim_notifications(100.0, hold_s=60.0)
+        # the sender dies between send and mark; its hold passes
+        assert store.claim_notifications(161.0) == []
+        [note] = store.notifications(run_id)
+        assert (note.status, note.attempts) == ("in_doubt", 1)
+        assert note.error is not None and note.error.startswith("in doubt")
+        assert store.claim_notifications(10_000.0) == []
+        assert store.claim_notifications(10_000.0, idempotent=True) == []
+        assert store.pending_notifications(10_000.0) == []
+        # the sender was only slow: a failure it reports now changes nothing, a success does
+        assert not store.mark_notification(claimed.id, sent=False, now=170.0, retry_at=200.0)
+        assert store.notifications(run_id)[0].status == "in_doubt"
+        assert store.mark_notification(claimed.id, sent=True, now=171.0)
+        assert store.notifications(run_id)[0].status == "sent"
+
+    def test_an_idempotent_sender_takes_an_expired_row_again(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [first] = store.claim_notifications(100.0, hold_s=60.0, idempotent=True)
+        [again] = store.claim_notifications(161.0, hold_s=60.0, idempotent=True)
+        assert (again.id, again.status, again.next_attempt_at) == (first.id, "sending", 221.0)
+        assert again.dedupe_key == first.dedupe_key  # so the provider drops the second copy
+        assert store.claim_notifications(161.0, idempotent=True) == []
+        assert store.mark_notification(again.id, sent=True, now=162.0, provider_id="e-1")
+        assert store.notifications(run_id)[0].status == "sent"
+
+    def test_an_admin_resends_or_marks_a_row_in_doubt(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [note] = store.claim_notifications(100.0, hold_s=60.0)
+        with pytest.raises(ValueError, match="sending"):
+            store.resolve_notification(note.id, resend=True, now=120.0)
+        store.claim_notifications(161.0)  # -> in doubt
+        resent = store.resolve_notification(note.id, resend=True, now=200.0)
+        assert (resent.status, resent.next_attempt_at) == ("pending", 200.0)
+        [again] = store.claim_notifications(200.0)
+        assert again.id == note.id
+        assert store.mark_notification(note.id, sent=False, now=201.0, error="550 no")  # failed
+        marked = store.resolve_notification(note.id, resend=False, now=300.0)
+        assert (marked.status, marked.sent_at, marked.error) == ("sent", 300.0, None)
+        assert store.notifications(run_id) == [marked]
+        with pytest.raises(ValueError, match="sent"):
+            store.resolve_notification(note.id, resend=True, now=301.0)
+        with pytest.raises(KeyError):
+            store.resolve_notification(10**9, resend=True, now=301.0)
+
+    def test_a_send_that_may_have_left_is_marked_in_doubt(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [note] = store.claim_notifications(100.0, hold_s=60.0)
+        assert store.mark_notification(note.id, sent=False, now=101.0, error="lost", in_doubt=True)
+        [after] = store.notifications(run_id)
+        assert (after.status, after.error, after.attempts) == ("in_doubt", "lost", 1)
+        assert store.claim_notifications(10_000.0) == []
 
 
 def drain_item(store: Store, key: str, now: float = T0) -> None:

@@ -261,9 +261,17 @@ class Store(Protocol):
     def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]: ...
 
     def claim_notifications(
-        self, now: float, limit: int = 50, hold_s: float = 300.0
+        self, now: float, limit: int = 50, hold_s: float = 300.0, *, idempotent: bool = False
     ) -> list[Notification]:
-        """Take due rows for sending; other callers see them again only after `hold_s`."""
+        """Take due rows for sending, committed as SENDING and held for `hold_s` before this
+        returns: no other caller gets them while held. `hold_s` must outlast any one send.
+
+        A row still SENDING after its hold lost its sender between claim and mark (a crash, a
+        hang), and whether the message left is unknown. With `idempotent` (the caller's
+        transport dedupes on Notification.dedupe_key, as Resend does) it is handed out again;
+        otherwise it becomes IN_DOUBT and is never sent again unless resolve_notification says
+        so: a message may be lost to an admin's decision, but never sent twice.
+        """
         ...
 
     def mark_notification(
@@ -274,7 +282,24 @@ class Store(Protocol):
         now: float,
         error: str | None = None,
         retry_at: float | None = None,
-    ) -> None: ...
+        in_doubt: bool = False,
+        provider_id: str | None = None,
+    ) -> bool:
+        """Record a claimed row's send: SENT (with the transport's id); or, not sent, PENDING
+        again at `retry_at`, IN_DOUBT (`in_doubt`: it may have left) or else FAILED.
+
+        SENT applies whatever the row's state (news from the transport); the others only to a
+        row still SENDING, so a sender that outlived its hold changes nothing another sender or
+        claim decided meanwhile. False when nothing changed; KeyError for an unknown id.
+        """
+        ...
+
+    def resolve_notification(
+        self, notification_id: int, *, resend: bool, now: float
+    ) -> Notification:
+        """An admin's decision on an IN_DOUBT or FAILED row: send it (again) now, or record that
+        it was sent. ValueError for a row in any other state; KeyError for an unknown id."""
+        ...
 
     def notifications(self, run_id: str) -> list[Notification]: ...
 

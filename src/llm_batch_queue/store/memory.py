@@ -24,6 +24,7 @@ from llm_batch_queue.jobs import (
     Lease,
     NewItem,
     Notification,
+    NotificationStatus,
     Outcome,
     Reservation,
     Run,
@@ -58,6 +59,7 @@ from llm_batch_queue.store.base import (
     Used,
 )
 from llm_batch_queue.store.milestones import Milestones
+from llm_batch_queue.store.outbox import IN_DOUBT_ERROR, check_resolvable
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
 KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
@@ -675,24 +677,49 @@ class MemoryStore:
         ):
             return  # the unique (run, kind, key) rule of the SQL store
         nid = next(self._ids)
-        self._outbox[nid] = Notification(nid, run_id, kind, key, payload, "pending", 0, now)
+        self._outbox[nid] = Notification(
+            nid, run_id, kind, key, payload, NotificationStatus.PENDING, 0, now
+        )
 
     def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]:
         with self._lock:
             due = [
                 n
                 for n in self._outbox.values()
-                if n.status == "pending" and n.next_attempt_at <= now
+                if n.status is NotificationStatus.PENDING and n.next_attempt_at <= now
             ]
             return sorted(due, key=lambda n: n.id)[:limit]
 
     def claim_notifications(
-        self, now: float, limit: int = 50, hold_s: float = 300.0
+        self, now: float, limit: int = 50, hold_s: float = 300.0, *, idempotent: bool = False
     ) -> list[Notification]:
         with self._lock:
-            claimed = self.pending_notifications(now, limit)
-            for n in claimed:
-                self._outbox[n.id] = replace(n, next_attempt_at=now + hold_s)
+            claimable = [NotificationStatus.PENDING]
+            for n in list(self._outbox.values()):
+                if n.status is NotificationStatus.SENDING and n.next_attempt_at <= now:
+                    if idempotent:
+                        continue  # taken again below: the resend carries the same key
+                    self._outbox[n.id] = replace(
+                        n,
+                        status=NotificationStatus.IN_DOUBT,
+                        attempts=n.attempts + 1,
+                        error=IN_DOUBT_ERROR,
+                    )
+            if idempotent:
+                claimable.append(NotificationStatus.SENDING)
+            due = sorted(
+                (
+                    n
+                    for n in self._outbox.values()
+                    if n.status in claimable and n.next_attempt_at <= now
+                ),
+                key=lambda n: n.id,
+            )[:limit]
+            claimed = []
+            for n in due:
+                n = replace(n, status=NotificationStatus.SENDING, next_attempt_at=now + hold_s)
+                self._outbox[n.id] = n
+                claimed.append(n)
             return claimed
 
     def mark_notification(
@@ -703,16 +730,54 @@ class MemoryStore:
         now: float,
         error: str | None = None,
         retry_at: float | None = None,
-    ) -> None:
+        in_doubt: bool = False,
+        provider_id: str | None = None,
+    ) -> bool:
         with self._lock:
             n = self._outbox[notification_id]
+            attempts = n.attempts + 1
             if sent:
-                n = replace(n, status="sent", sent_at=now, attempts=n.attempts + 1, error=None)
+                if n.status is NotificationStatus.SENT:
+                    return False
+                n = replace(
+                    n,
+                    status=NotificationStatus.SENT,
+                    sent_at=now,
+                    attempts=attempts,
+                    error=None,
+                    provider_id=provider_id,
+                )
+            elif n.status is not NotificationStatus.SENDING:
+                return False  # moved on while this sender was away (see the Protocol)
+            elif in_doubt:
+                n = replace(n, status=NotificationStatus.IN_DOUBT, attempts=attempts, error=error)
             elif retry_at is not None:
-                n = replace(n, attempts=n.attempts + 1, error=error, next_attempt_at=retry_at)
+                n = replace(
+                    n,
+                    status=NotificationStatus.PENDING,
+                    attempts=attempts,
+                    error=error,
+                    next_attempt_at=retry_at,
+                )
             else:
-                n = replace(n, status="failed", attempts=n.attempts + 1, error=error)
+                n = replace(n, status=NotificationStatus.FAILED, attempts=attempts, error=error)
             self._outbox[notification_id] = n
+            return True
+
+    def resolve_notification(
+        self, notification_id: int, *, resend: bool, now: float
+    ) -> Notification:
+        with self._lock:
+            n = self._outbox.get(notification_id)
+            if n is None:
+                raise KeyError(f"no notification {notification_id}")
+            check_resolvable(n)
+            if resend:
+                n = replace(n, status=NotificationStatus.PENDING, next_attempt_at=now)
+            else:
+                n = replace(n, status=NotificationStatus.SENT, sent_at=now, error=None)
+            self._outbox[notification_id] = n
+            return n
 
     def notifications(self, run_id: str) -> list[Notification]:
         with self._lock:

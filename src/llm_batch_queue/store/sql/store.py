@@ -351,10 +351,10 @@ class SQLStore:
             return outbox.pending(conn, now, limit)
 
     def claim_notifications(
-        self, now: float, limit: int = 50, hold_s: float = 300.0
+        self, now: float, limit: int = 50, hold_s: float = 300.0, *, idempotent: bool = False
     ) -> list[Notification]:
         with self._tx(write=True) as conn:
-            return outbox.claim(conn, now, limit, hold_s)
+            return outbox.claim(conn, now, limit, hold_s, idempotent)
 
     def mark_notification(
         self,
@@ -364,9 +364,26 @@ class SQLStore:
         now: float,
         error: str | None = None,
         retry_at: float | None = None,
-    ) -> None:
+        in_doubt: bool = False,
+        provider_id: str | None = None,
+    ) -> bool:
         with self._tx(write=True) as conn:
-            outbox.mark(conn, notification_id, sent=sent, now=now, error=error, retry_at=retry_at)
+            return outbox.mark(
+                conn,
+                notification_id,
+                sent=sent,
+                now=now,
+                error=error,
+                retry_at=retry_at,
+                in_doubt=in_doubt,
+                provider_id=provider_id,
+            )
+
+    def resolve_notification(
+        self, notification_id: int, *, resend: bool, now: float
+    ) -> Notification:
+        with self._tx(write=True) as conn:
+            return outbox.resolve(conn, notification_id, resend=resend, now=now)
 
     def notifications(self, run_id: str) -> list[Notification]:
         with self._tx() as conn:

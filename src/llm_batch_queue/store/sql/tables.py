@@ -182,7 +182,9 @@ outbox = Table(
     Column("created_at", Time, nullable=False),
     Column("sent_at", Time),
     Column("error", Text),
+    # pending: when due; sending: when the sender's hold ends (then the row is in doubt)
     Column("next_attempt_at", Time, nullable=False),
+    Column("provider_id", Text),
     UniqueConstraint("run_id", "kind", "key"),
     Index(None, "status", "next_attempt_at"),
 )
