@@ -35,6 +35,7 @@ from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start,
 from llm_batch_queue.store import Reservation, Store
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
 from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
+from llm_batch_queue.summary import ModelPrice
 
 T0 = 1_750_000_000.0  # 2025-06-15, 08:06 in Los Angeles: the provider day is hours old
 LEASE_S = 60.0
@@ -1016,6 +1017,68 @@ class StoreContract:
         )
         drain(store)
         assert kinds(store, run.id) == [(RUN_FINISHED, "")]
+
+    def test_run_summary_aggregates_the_runs_rows(self, store: Store) -> None:
+        run = new_run(store, keys=("a", "b"))
+        t = T0
+        while claimed := store.claim(worker="w", now=t, limit=10, lease_s=LEASE_S):
+            for c in claimed:
+                if c.job.stage == "analyze" and item_key(c) == "b":
+                    failed = AttemptResult(
+                        t, t + 1, "pro", input_tokens=100, error_kind="transient"
+                    )
+                    store.fail(c.lease, failed, GiveUp("broken"), t + 1)
+                elif c.job.stage == "analyze":
+                    store.fail(
+                        c.lease,
+                        AttemptResult(t, t + 1, "pro", input_tokens=100, error_kind="rate_limited"),
+                        Retry(t + 2, 1, "429", counted=False),
+                        t + 1,
+                    )
+                    t += 2
+                    [again] = store.claim(worker="w", now=t, limit=1, lease_s=LEASE_S)
+                    used = AttemptResult(
+                        t,
+                        t + 3,
+                        "flash",
+                        True,
+                        input_tokens=1000,
+                        output_tokens=200,
+                        thinking_tokens=50,
+                    )
+                    store.complete(again.lease, used, {"ok": 1}, t + 3)
+                else:
+                    store.complete(c.lease, ok(t + 5, model=None), None, t + 5)
+            t += 10
+        new_run(store, keys=("z",))  # another run's rows (model "m") never leak in
+        drain(store, t)
+        summary = store.run_summary(run.id)
+        assert summary.run.id == run.id and summary.run.status is RunStatus.COMPLETED_WITH_FAILURES
+        assert summary.items_by_status == {"completed": 1, "needs_reupload": 1}
+        assert summary.item_failures == 1
+        assert [s.name for s in summary.stages] == ["analyze", "structure", "workbook", "notify"]
+        analyze = summary.stage("analyze")
+        assert analyze.jobs_by_status == {"failed": 1, "succeeded": 1}
+        assert (analyze.attempts, analyze.failed_attempts, analyze.fallbacks) == (3, 2, 1)
+        assert (analyze.first_started_at, analyze.last_finished_at) == (T0, T0 + 5)
+        assert analyze.duration_s == 5
+        assert summary.stage("structure").jobs_by_status == {"cancelled": 1, "succeeded": 1}
+        assert summary.failures_by_kind == {"rate_limited": 1, "transient": 1}
+        by_model = {m.model: m for m in summary.models}
+        assert set(by_model) == {"flash", "pro"}
+        flash = by_model["flash"]
+        assert (flash.attempts, flash.succeeded, flash.input_tokens) == (1, 1, 1000)
+        assert (flash.output_tokens, flash.thinking_tokens) == (200, 50)
+        assert (by_model["pro"].attempts, by_model["pro"].input_tokens) == (2, 200)
+        assert summary.notifications_by_status == {"pending": len(store.notifications(run.id))}
+        prices = {"flash": ModelPrice(0.30, 2.50), "pro": ModelPrice(1.25, 10.0)}
+        # flash: 1000 in, 250 out (thinking billed as output); pro: 200 in
+        assert summary.costs(prices) == pytest.approx(
+            {"flash": (1000 * 0.30 + 250 * 2.50) / 1e6, "pro": 200 * 1.25 / 1e6}
+        )
+        assert summary.total_cost_usd({"flash": prices["flash"]}) is None  # pro has no price
+        with pytest.raises(KeyError):
+            store.run_summary("nope")
 
     def test_outbox_delivery_bookkeeping(self, store: Store) -> None:
         run = new_run(store, keys=("a",))

@@ -28,6 +28,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.retry import ModelBlock
+from llm_batch_queue.summary import RunSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,12 @@ class Store(Protocol):
     def attempts(self, run_id: str) -> list[Attempt]: ...
 
     def counts(self, run_id: str) -> RunCounts: ...
+
+    def run_summary(self, run_id: str) -> RunSummary:
+        """Counts per status, stage timings, fallbacks, failures, tokens per model and the
+        outbox's state, aggregated from the run's rows now (nothing is kept up to date on the
+        way). KeyError for an unknown run."""
+        ...
 
     # admin actions -------------------------------------------------------------------------------
     def retry_item(self, run_id: str, item_key: str, now: float) -> Item:

@@ -60,6 +60,7 @@ from llm_batch_queue.store.base import (
 )
 from llm_batch_queue.store.milestones import Milestones
 from llm_batch_queue.store.outbox import IN_DOUBT_ERROR, check_resolvable
+from llm_batch_queue.summary import RunSummary, group_attempts, summarize
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
 KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
@@ -192,6 +193,20 @@ class MemoryStore:
                 pair = (job.stage, job.status.value)
                 counts.jobs_by_stage_status[pair] = counts.jobs_by_stage_status.get(pair, 0) + 1
             return counts
+
+    def run_summary(self, run_id: str) -> RunSummary:
+        with self._lock:
+            notes: dict[str, int] = {}
+            for n in self.notifications(run_id):
+                notes[n.status.value] = notes.get(n.status.value, 0) + 1
+            return summarize(
+                self.get_run(run_id),
+                self._stages[run_id],
+                self.counts(run_id),
+                sum(i.failures for i in self.items(run_id)),
+                group_attempts(self.attempts(run_id)),
+                notes,
+            )
 
     # admin actions -------------------------------------------------------------------------------
     def _find_item(self, run_id: str, item_key: str) -> Item:

@@ -57,6 +57,7 @@ from llm_batch_queue.store.sql import (
     outbox,
     outcomes,
     schema,
+    summary,
     wakeups,
 )
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
@@ -70,6 +71,7 @@ from llm_batch_queue.store.sql.rows import (
 )
 from llm_batch_queue.store.sql.tables import attempts, jobs, runs
 from llm_batch_queue.store.sql.tables import items as items_table
+from llm_batch_queue.summary import RunSummary
 from llm_batch_queue.transitions import initial_status
 
 ADMIN_TRIES = 40  # about 8 s of backing off while workers finish the jobs an admin action needs
@@ -220,6 +222,13 @@ class SQLStore:
     def counts(self, run_id: str) -> RunCounts:
         with self._tx() as conn:
             return graph.counts(conn, run_id)
+
+    def run_summary(self, run_id: str) -> RunSummary:
+        with self._tx() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+            if row is None:
+                raise KeyError(f"no run {run_id!r}")
+            return summary.run_summary(conn, to_run(row), self._spec(conn, run_id))
 
     # admin actions -------------------------------------------------------------------------------
     def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
