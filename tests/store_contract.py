@@ -33,6 +33,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start, slot_time
 from llm_batch_queue.store import Reservation, Store
+from llm_batch_queue.store.base import Purge
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
 from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
 from llm_batch_queue.summary import ModelPrice
@@ -1079,6 +1080,76 @@ class StoreContract:
         assert summary.total_cost_usd({"flash": prices["flash"]}) is None  # pro has no price
         with pytest.raises(KeyError):
             store.run_summary("nope")
+
+    def _send_final(self, store: Store, run_id: str, now: float) -> None:
+        for n in store.claim_notifications(now, limit=100):
+            store.mark_notification(n.id, sent=n.kind == RUN_FINISHED and n.run_id == run_id,
+                                    now=now, error="not this one")  # fmt: skip
+
+    def test_purge_waits_for_the_retention_and_the_final_notification(self, store: Store) -> None:
+        run = new_run(store, keys=("a", "b"))
+        drain(store, T0 + 10, fail=lambda c: item_key(c) == "b" and c.job.stage == "analyze")
+        finished = store.get_run(run.id)
+        assert finished.finished_at is not None and finished.purged_at is None
+        day = 86400.0
+        assert store.purge_finished_runs(day, T0 + 100) == Purge()  # too young
+        # old enough, but the final e-mail has not gone out: nothing goes (D-29)
+        assert store.purge_finished_runs(day, T0 + 2 * day) == Purge(waiting=[run.id])
+        [final] = [n for n in store.notifications(run.id) if n.kind == RUN_FINISHED]
+        [claimed] = [n for n in store.claim_notifications(T0 + 2 * day) if n.id == final.id]
+        store.mark_notification(claimed.id, sent=False, now=T0 + 2 * day, in_doubt=True)
+        assert store.purge_finished_runs(day, T0 + 2 * day) == Purge(waiting=[run.id])
+        assert all(i.payload is not None for i in store.items(run.id))
+
+        store.resolve_notification(final.id, resend=False, now=T0 + 2 * day)  # it arrived
+        assert store.purge_finished_runs(day, T0 + 2 * day) == Purge(purged=[run.id])
+        assert store.get_run(run.id).purged_at == T0 + 2 * day
+        assert {(i.key, i.payload, str(i.outputs)) for i in store.items(run.id)} == {
+            ("a", None, "{}"),
+            ("b", None, "{}"),
+        }
+        assert all(j.output is None for j in store.jobs(run.id))
+        # what the summary and the status pages need is kept
+        assert [i.status for i in store.items(run.id)] == [
+            ItemStatus.COMPLETED,
+            ItemStatus.NEEDS_REUPLOAD,
+        ]
+        assert store.run_summary(run.id).stage("analyze").attempts == 2
+        assert len(store.notifications(run.id)) > 1
+        assert store.purge_finished_runs(0.0, T0 + 3 * day) == Purge()  # once
+        with pytest.raises(ValueError, match="purged"):
+            store.retry_item(run.id, "b", T0 + 3 * day)
+
+    def test_purge_leaves_running_runs_and_needs_no_final_a_run_never_asked_for(
+        self, store: Store
+    ) -> None:
+        running = new_run(store, keys=("a",))
+        quiet = store.create_run(
+            pipeline="p",
+            name="quiet",
+            stages=ONLY,
+            items=[NewItem("q", {"secret": 1})],
+            meta={},
+            now=T0,
+            notify={"run_queued"},
+        )
+        [job] = store.claim(worker="w", now=T0, limit=1, lease_s=LEASE_S, stages={"only"})
+        store.complete(job.lease, ok(T0), {"out": 1}, T0)
+        assert store.purge_finished_runs(0.0, T0 + 1) == Purge(purged=[quiet.id])
+        assert store.items(quiet.id)[0].payload is None
+        assert store.items(running.id)[0].payload == {"key": "a", "n": 0}
+
+    def test_purge_wants_the_final_notification_of_the_last_round(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        drain(store, T0, fail=lambda c: c.job.stage == "analyze")
+        self._send_final(store, run.id, T0 + 1)
+        store.retry_item(run.id, "a", T0 + 2)
+        drain(store, T0 + 3)
+        assert store.get_run(run.id).round == 2
+        # round 1's final e-mail went out; round 2's has not yet
+        assert store.purge_finished_runs(0.0, T0 + 4) == Purge(waiting=[run.id])
+        self._send_final(store, run.id, T0 + 5)
+        assert store.purge_finished_runs(0.0, T0 + 6) == Purge(purged=[run.id])
 
     def test_outbox_delivery_bookkeeping(self, store: Store) -> None:
         run = new_run(store, keys=("a",))

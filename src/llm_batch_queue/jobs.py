@@ -68,6 +68,8 @@ class Run:
     created_at: float
     finished_at: float | None
     round: int = 1  # 1, then +1 each time an admin retry reopens the finished run
+    # when the retention purge cleared its payloads and outputs (Store.purge_finished_runs)
+    purged_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

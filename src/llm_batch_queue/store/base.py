@@ -117,6 +117,16 @@ class Release:
 Finish = Completion | Failure | Release
 
 
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """What one Store.purge_finished_runs call did."""
+
+    purged: list[str] = field(default_factory=list)  # run ids cleared now
+    # past the retention, kept because their final notification is not sent (pending, failed,
+    # in doubt): D-29's lesson, nothing of a run goes before the e-mail that reports it
+    waiting: list[str] = field(default_factory=list)
+
+
 class Store(Protocol):
     # runs and items ------------------------------------------------------------------------
     def create_run(
@@ -149,11 +159,20 @@ class Store(Protocol):
         way). KeyError for an unknown run."""
         ...
 
+    def purge_finished_runs(self, retention_s: float, now: float) -> Purge:
+        """Clear what a finished run kept of its input and results once it is `retention_s` old:
+        the items' payloads and stage outputs and the jobs' outputs (personal data, model
+        answers). Counts, statuses, errors, attempts and the outbox stay, so run_summary still
+        works. Only runs whose final notification (run_finished, this round) is SENT, when the
+        run asked for one. A purged run cannot be retried. One transaction."""
+        ...
+
     # admin actions -------------------------------------------------------------------------------
     def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
         """Run an item that needs re-upload again, from the stage that failed onward.
 
-        Only a NEEDS_REUPLOAD item (ValueError otherwise; KeyError for an unknown run or item).
+        Only a NEEDS_REUPLOAD item of a run not purged (ValueError otherwise; KeyError for an
+        unknown run or item).
         Its FAILED and CANCELLED jobs start over (attempt counters reset, attempt history kept);
         SUCCEEDED ones and their outputs are kept. The run-scope jobs go back to PENDING, so they
         run again once every item has settled; a finished run is reopened in a new round, whose

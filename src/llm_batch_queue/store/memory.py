@@ -45,7 +45,13 @@ from llm_batch_queue.limits import (
     window_slot,
 )
 from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
-from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
+from llm_batch_queue.store.admin import (
+    SKIPPABLE,
+    not_retryable,
+    not_skippable,
+    purged,
+    skip_note,
+)
 from llm_batch_queue.store.base import (
     Booking,
     Claim,
@@ -56,9 +62,10 @@ from llm_batch_queue.store.base import (
     ModelState,
     Plan,
     Postpone,
+    Purge,
     Used,
 )
-from llm_batch_queue.store.milestones import Milestones
+from llm_batch_queue.store.milestones import RUN_FINISHED, Milestones, final_key
 from llm_batch_queue.store.outbox import IN_DOUBT_ERROR, check_resolvable
 from llm_batch_queue.summary import RunSummary, group_attempts, summarize
 
@@ -208,6 +215,34 @@ class MemoryStore:
                 notes,
             )
 
+    def purge_finished_runs(self, retention_s: float, now: float) -> Purge:
+        with self._lock:
+            result = Purge()
+            for run in sorted(self._runs.values(), key=lambda r: r.created_at):
+                if (
+                    run.status is RunStatus.RUNNING
+                    or run.finished_at is None
+                    or run.finished_at > now - retention_s
+                    or run.purged_at is not None
+                ):
+                    continue
+                if RUN_FINISHED in self._notify_kinds[run.id] and not any(
+                    n.run_id == run.id
+                    and n.kind == RUN_FINISHED
+                    and n.key == final_key(run.round)
+                    and n.status is NotificationStatus.SENT
+                    for n in self._outbox.values()
+                ):
+                    result.waiting.append(run.id)
+                    continue
+                for item in self.items(run.id):
+                    self._items[item.id] = replace(item, payload=None, outputs={})
+                for job in self.jobs(run.id):
+                    self._jobs[job.id] = replace(job, output=None)
+                self._runs[run.id] = replace(run, purged_at=now)
+                result.purged.append(run.id)
+            return result
+
     # admin actions -------------------------------------------------------------------------------
     def _find_item(self, run_id: str, item_key: str) -> Item:
         self.get_run(run_id)
@@ -222,6 +257,8 @@ class MemoryStore:
             if item.status is not ItemStatus.NEEDS_REUPLOAD:
                 raise ValueError(not_retryable(item))
             run = self._runs[run_id]
+            if run.purged_at is not None:
+                raise ValueError(purged(run_id))
             if run.status is not RunStatus.RUNNING:
                 self._runs[run_id] = replace(
                     run, status=RunStatus.RUNNING, finished_at=None, round=run.round + 1

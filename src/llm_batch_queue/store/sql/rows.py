@@ -63,6 +63,7 @@ def to_run(row: Row[Any]) -> Run:
         m["created_at"],
         m["finished_at"],
         m["round"],
+        m["purged_at"],
     )
 
 

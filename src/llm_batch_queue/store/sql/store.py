@@ -46,6 +46,7 @@ from llm_batch_queue.store.base import (
     Finish,
     ModelState,
     Plan,
+    Purge,
     Release,
     Used,
 )
@@ -56,6 +57,7 @@ from llm_batch_queue.store.sql import (
     ledger,
     outbox,
     outcomes,
+    retention,
     schema,
     summary,
     wakeups,
@@ -229,6 +231,10 @@ class SQLStore:
             if row is None:
                 raise KeyError(f"no run {run_id!r}")
             return summary.run_summary(conn, to_run(row), self._spec(conn, run_id))
+
+    def purge_finished_runs(self, retention_s: float, now: float) -> Purge:
+        with self._tx(write=True) as conn:
+            return retention.purge_finished(conn, retention_s, now)
 
     # admin actions -------------------------------------------------------------------------------
     def retry_item(self, run_id: str, item_key: str, now: float) -> Item:

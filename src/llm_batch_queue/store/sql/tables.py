@@ -58,6 +58,7 @@ runs = Table(
     Column("finished_at", Time),
     # 1, then +1 each time an admin retry reopens the finished run (milestone keys carry it)
     Column("round", Integer, nullable=False),
+    Column("purged_at", Time),  # the retention purge cleared its payloads and outputs
 )
 
 items = Table(

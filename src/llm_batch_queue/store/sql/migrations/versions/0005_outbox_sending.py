@@ -7,7 +7,7 @@ Create Date: 2026-04-10
 Statuses are plain strings, so the two new ones (a claimed row is `sending` until it is marked;
 one whose sender stopped before marking it is `in_doubt`) need no schema change. Rows a sender of
 the old code had claimed are `pending` with a pushed next_attempt_at, which the new code reads as
-it did: due once the hold has passed.
+it did: due once the hold has passed. A plain ALTER TABLE on SQLite too (see 0002).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("lbq_outbox") as batch:
-        batch.add_column(sa.Column("provider_id", sa.Text(), nullable=True))
+    op.add_column("lbq_outbox", sa.Column("provider_id", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
@@ -33,5 +32,4 @@ def downgrade() -> None:
     # left (pending, due after the hold); one in doubt to failed, so it is still not sent twice
     op.execute("UPDATE lbq_outbox SET status = 'pending' WHERE status = 'sending'")
     op.execute("UPDATE lbq_outbox SET status = 'failed' WHERE status = 'in_doubt'")
-    with op.batch_alter_table("lbq_outbox") as batch:
-        batch.drop_column("provider_id")
+    op.drop_column("lbq_outbox", "provider_id")
