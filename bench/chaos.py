@@ -68,6 +68,9 @@ WORKER_ENV = {
     "ELEVRA_LEASE_S": "6",  # a killed worker's jobs are taken over 6 s later
     "GEMINI_TIMEOUT_MS": "4000",
     "ELEVRA_CONCURRENCY": "16",
+    # a worker killed between sending an e-mail and recording it leaves the row in doubt once
+    # this hold passes (dry-run cannot dedupe a second copy): short, so the run does not wait
+    "ELEVRA_EMAIL_HOLD_S": "10",
 }
 
 
@@ -232,7 +235,10 @@ def _progress(engine: Any, text: Any, run_id: str) -> tuple[str, int]:
                 text("SELECT status FROM lbq_runs WHERE id = :r"), {"r": run_id}
             ).scalar_one()
             pending = conn.execute(
-                text("SELECT count(*) FROM lbq_outbox WHERE run_id = :r AND status = 'pending'"),
+                text(
+                    "SELECT count(*) FROM lbq_outbox"
+                    " WHERE run_id = :r AND status IN ('pending', 'sending')"
+                ),
                 {"r": run_id},
             ).scalar_one()
         return str(status), int(pending)
@@ -277,6 +283,9 @@ def _check(engine: Any, text: Any, run_id: str, out: Path) -> dict[str, Any]:
             "SELECT count(*) FROM (SELECT slug FROM elevra_candidates"
             " GROUP BY slug HAVING count(*) > 1) d"
         )
+        emails_in_doubt = one(
+            "SELECT count(*) FROM lbq_outbox WHERE run_id = :r AND status = 'in_doubt'"
+        )
         dup_links = one(
             "SELECT count(*) FROM (SELECT election_id, candidate_id FROM elevra_election_links"
             " GROUP BY election_id, candidate_id HAVING count(*) > 1) d"
@@ -311,6 +320,7 @@ def _check(engine: Any, text: Any, run_id: str, out: Path) -> dict[str, Any]:
             "jobs_completed_twice": double_success,
         },
         "emails_sent": sum(sent.values()),
+        "emails_in_doubt": emails_in_doubt,  # killed mid-send: never resent, an admin decides
         "attempts": attempts,
         "provider_429": provider_429,
     }

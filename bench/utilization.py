@@ -128,7 +128,8 @@ def worker(store_url: str, simulator_url: str, config: Config) -> None:
 
         def on_event(event: object) -> None:
             if log_file is not None:
-                log_file.write(json.dumps([time.time(), type(event).__name__, asdict(event)]) + "\n")
+                row = [time.time(), type(event).__name__, asdict(event)]  # type: ignore[call-overload]
+                log_file.write(json.dumps(row) + "\n")
 
         dispatcher = Dispatcher(
             store,

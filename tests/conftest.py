@@ -8,11 +8,14 @@ skipped — unless CI is set, where they fail: CI must not go green by skipping 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mailservers import EphemeralController, FakeResend, Recorder
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -87,3 +90,32 @@ def store_factory(store_url: str) -> Iterator[StoreFactory]:
 @pytest.fixture
 def store(store_factory: StoreFactory) -> Store:
     return store_factory()
+
+
+# mail endpoints (mailservers.py) ------------------------------------------------------------------
+@pytest.fixture
+def serve() -> Iterator[Callable[..., int]]:
+    """Starts real SMTP servers on 127.0.0.1: `serve(Recorder(), **controller_kwargs)` -> port."""
+    started: list[EphemeralController] = []
+
+    def start(handler: Recorder, **kwargs: Any) -> int:
+        controller = EphemeralController(handler, **kwargs)
+        controller.start()
+        started.append(controller)
+        return int(controller.port)
+
+    yield start
+    for controller in started:
+        controller.stop()
+
+
+@pytest.fixture
+def resend() -> Iterator[FakeResend]:
+    server = FakeResend()
+    # a short poll interval: shutdown() waits for the serving loop to look
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()

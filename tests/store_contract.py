@@ -33,8 +33,10 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start, slot_time
 from llm_batch_queue.store import Reservation, Store
+from llm_batch_queue.store.base import Purge
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
 from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
+from llm_batch_queue.summary import ModelPrice
 
 T0 = 1_750_000_000.0  # 2025-06-15, 08:06 in Los Angeles: the provider day is hours old
 LEASE_S = 60.0
@@ -1017,35 +1019,172 @@ class StoreContract:
         drain(store)
         assert kinds(store, run.id) == [(RUN_FINISHED, "")]
 
+    def test_run_summary_aggregates_the_runs_rows(self, store: Store) -> None:
+        run = new_run(store, keys=("a", "b"))
+        t = T0
+        while claimed := store.claim(worker="w", now=t, limit=10, lease_s=LEASE_S):
+            for c in claimed:
+                if c.job.stage == "analyze" and item_key(c) == "b":
+                    failed = AttemptResult(
+                        t, t + 1, "pro", input_tokens=100, error_kind="transient"
+                    )
+                    store.fail(c.lease, failed, GiveUp("broken"), t + 1)
+                elif c.job.stage == "analyze":
+                    store.fail(
+                        c.lease,
+                        AttemptResult(t, t + 1, "pro", input_tokens=100, error_kind="rate_limited"),
+                        Retry(t + 2, 1, "429", counted=False),
+                        t + 1,
+                    )
+                    t += 2
+                    [again] = store.claim(worker="w", now=t, limit=1, lease_s=LEASE_S)
+                    used = AttemptResult(
+                        t,
+                        t + 3,
+                        "flash",
+                        True,
+                        input_tokens=1000,
+                        output_tokens=200,
+                        thinking_tokens=50,
+                    )
+                    store.complete(again.lease, used, {"ok": 1}, t + 3)
+                else:
+                    store.complete(c.lease, ok(t + 5, model=None), None, t + 5)
+            t += 10
+        new_run(store, keys=("z",))  # another run's rows (model "m") never leak in
+        drain(store, t)
+        summary = store.run_summary(run.id)
+        assert summary.run.id == run.id and summary.run.status is RunStatus.COMPLETED_WITH_FAILURES
+        assert summary.items_by_status == {"completed": 1, "needs_reupload": 1}
+        assert summary.item_failures == 1
+        assert [s.name for s in summary.stages] == ["analyze", "structure", "workbook", "notify"]
+        analyze = summary.stage("analyze")
+        assert analyze.jobs_by_status == {"failed": 1, "succeeded": 1}
+        assert (analyze.attempts, analyze.failed_attempts, analyze.fallbacks) == (3, 2, 1)
+        assert (analyze.first_started_at, analyze.last_finished_at) == (T0, T0 + 5)
+        assert analyze.duration_s == 5
+        assert summary.stage("structure").jobs_by_status == {"cancelled": 1, "succeeded": 1}
+        assert summary.failures_by_kind == {"rate_limited": 1, "transient": 1}
+        by_model = {m.model: m for m in summary.models}
+        assert set(by_model) == {"flash", "pro"}
+        flash = by_model["flash"]
+        assert (flash.attempts, flash.succeeded, flash.input_tokens) == (1, 1, 1000)
+        assert (flash.output_tokens, flash.thinking_tokens) == (200, 50)
+        assert (by_model["pro"].attempts, by_model["pro"].input_tokens) == (2, 200)
+        assert summary.notifications_by_status == {"pending": len(store.notifications(run.id))}
+        prices = {"flash": ModelPrice(0.30, 2.50), "pro": ModelPrice(1.25, 10.0)}
+        # flash: 1000 in, 250 out (thinking billed as output); pro: 200 in
+        assert summary.costs(prices) == pytest.approx(
+            {"flash": (1000 * 0.30 + 250 * 2.50) / 1e6, "pro": 200 * 1.25 / 1e6}
+        )
+        assert summary.total_cost_usd({"flash": prices["flash"]}) is None  # pro has no price
+        with pytest.raises(KeyError):
+            store.run_summary("nope")
+
+    def _send_final(self, store: Store, run_id: str, now: float) -> None:
+        for n in store.claim_notifications(now, limit=100):
+            store.mark_notification(n.id, sent=n.kind == RUN_FINISHED and n.run_id == run_id,
+                                    now=now, error="not this one")  # fmt: skip
+
+    def test_purge_waits_for_the_retention_and_the_final_notification(self, store: Store) -> None:
+        run = new_run(store, keys=("a", "b"))
+        drain(store, T0 + 10, fail=lambda c: item_key(c) == "b" and c.job.stage == "analyze")
+        finished = store.get_run(run.id)
+        assert finished.finished_at is not None and finished.purged_at is None
+        day = 86400.0
+        assert store.purge_finished_runs(day, T0 + 100) == Purge()  # too young
+        # old enough, but the final e-mail has not gone out: nothing goes (D-29)
+        assert store.purge_finished_runs(day, T0 + 2 * day) == Purge(waiting=[run.id])
+        [final] = [n for n in store.notifications(run.id) if n.kind == RUN_FINISHED]
+        [claimed] = [n for n in store.claim_notifications(T0 + 2 * day) if n.id == final.id]
+        store.mark_notification(claimed.id, sent=False, now=T0 + 2 * day, in_doubt=True)
+        assert store.purge_finished_runs(day, T0 + 2 * day) == Purge(waiting=[run.id])
+        assert all(i.payload is not None for i in store.items(run.id))
+
+        store.resolve_notification(final.id, resend=False, now=T0 + 2 * day)  # it arrived
+        assert store.purge_finished_runs(day, T0 + 2 * day) == Purge(purged=[run.id])
+        assert store.get_run(run.id).purged_at == T0 + 2 * day
+        assert {(i.key, i.payload, str(i.outputs)) for i in store.items(run.id)} == {
+            ("a", None, "{}"),
+            ("b", None, "{}"),
+        }
+        assert all(j.output is None for j in store.jobs(run.id))
+        # what the summary and the status pages need is kept
+        assert [i.status for i in store.items(run.id)] == [
+            ItemStatus.COMPLETED,
+            ItemStatus.NEEDS_REUPLOAD,
+        ]
+        assert store.run_summary(run.id).stage("analyze").attempts == 2
+        assert len(store.notifications(run.id)) > 1
+        assert store.purge_finished_runs(0.0, T0 + 3 * day) == Purge()  # once
+        with pytest.raises(ValueError, match="purged"):
+            store.retry_item(run.id, "b", T0 + 3 * day)
+
+    def test_purge_leaves_running_runs_and_needs_no_final_a_run_never_asked_for(
+        self, store: Store
+    ) -> None:
+        running = new_run(store, keys=("a",))
+        quiet = store.create_run(
+            pipeline="p",
+            name="quiet",
+            stages=ONLY,
+            items=[NewItem("q", {"secret": 1})],
+            meta={},
+            now=T0,
+            notify={"run_queued"},
+        )
+        [job] = store.claim(worker="w", now=T0, limit=1, lease_s=LEASE_S, stages={"only"})
+        store.complete(job.lease, ok(T0), {"out": 1}, T0)
+        assert store.purge_finished_runs(0.0, T0 + 1) == Purge(purged=[quiet.id])
+        assert store.items(quiet.id)[0].payload is None
+        assert store.items(running.id)[0].payload == {"key": "a", "n": 0}
+
+    def test_purge_wants_the_final_notification_of_the_last_round(self, store: Store) -> None:
+        run = new_run(store, keys=("a",))
+        drain(store, T0, fail=lambda c: c.job.stage == "analyze")
+        self._send_final(store, run.id, T0 + 1)
+        store.retry_item(run.id, "a", T0 + 2)
+        drain(store, T0 + 3)
+        assert store.get_run(run.id).round == 2
+        # round 1's final e-mail went out; round 2's has not yet
+        assert store.purge_finished_runs(0.0, T0 + 4) == Purge(waiting=[run.id])
+        self._send_final(store, run.id, T0 + 5)
+        assert store.purge_finished_runs(0.0, T0 + 6) == Purge(purged=[run.id])
+
     def test_outbox_delivery_bookkeeping(self, store: Store) -> None:
         run = new_run(store, keys=("a",))
         drain(store)
         pending = store.pending_notifications(T0, limit=2)
         assert [n.kind for n in pending] == ["run_queued", STAGE_COMPLETE]
         assert all(n.status == "pending" and n.attempts == 0 for n in pending)
-        first, second = pending
-        store.mark_notification(first.id, sent=True, now=T0 + 1)
-        store.mark_notification(
+        first, second = store.claim_notifications(T0, limit=2, hold_s=30.0)
+        assert (first.status, first.next_attempt_at) == ("sending", T0 + 30.0)
+        assert store.mark_notification(first.id, sent=True, now=T0 + 1, provider_id="<m1@x>")
+        assert store.mark_notification(
             second.id, sent=False, now=T0 + 1, error="smtp down", retry_at=T0 + 60
         )
         assert second.id not in [n.id for n in store.pending_notifications(T0 + 59)]
         assert second.id in [n.id for n in store.pending_notifications(T0 + 60)]
         by_id = {n.id: n for n in store.notifications(run.id)}
-        assert (by_id[first.id].status, by_id[first.id].sent_at, by_id[first.id].attempts) == (
-            "sent",
-            T0 + 1,
-            1,
-        )
-        assert (by_id[second.id].error, by_id[second.id].next_attempt_at) == ("smtp down", T0 + 60)
-        store.mark_notification(second.id, sent=False, now=T0 + 61, error="bounced")
+        assert (
+            by_id[first.id].status,
+            by_id[first.id].sent_at,
+            by_id[first.id].attempts,
+            by_id[first.id].provider_id,
+        ) == ("sent", T0 + 1, 1, "<m1@x>")
+        assert (by_id[second.id].status, by_id[second.id].error) == ("pending", "smtp down")
+        assert by_id[second.id].next_attempt_at == T0 + 60
+        [again] = [n for n in store.claim_notifications(T0 + 60) if n.id == second.id]
+        assert store.mark_notification(again.id, sent=False, now=T0 + 61, error="bounced")
         failed = next(n for n in store.notifications(run.id) if n.id == second.id)
         assert (failed.status, failed.attempts) == ("failed", 2)
+        # a sent row stays as it was sent
+        assert not store.mark_notification(first.id, sent=True, now=T0 + 99)
+        assert next(n for n in store.notifications(run.id) if n.id == first.id).sent_at == T0 + 1
         with pytest.raises(KeyError):
             store.mark_notification(10**9, sent=True, now=T0)
 
-    def test_claimed_notifications_are_hidden_from_other_senders(self, store: Store) -> None:
-        """Two dispatchers draining one outbox never get the same row (D-26)."""
-
+    def _one_queued_note(self, store: Store) -> str:
         specs = {"a": StageSpec("a", Scope.ITEM)}
         run = store.create_run(
             pipeline="p",
@@ -1054,12 +1193,73 @@ class StoreContract:
             items=[NewItem("x", 1)],
             meta={},
             now=100.0,
-            notify=KINDS,
+            notify={"run_queued"},
         )
+        return run.id
+
+    def test_claimed_notifications_are_hidden_from_other_senders(self, store: Store) -> None:
+        """Two dispatchers draining one outbox never get the same row (D-26)."""
+        run_id = self._one_queued_note(store)
         first = store.claim_notifications(100.0, hold_s=60.0)
-        assert [n.kind for n in first] == ["run_queued"]
+        assert [(n.kind, n.status) for n in first] == [("run_queued", "sending")]
         assert store.claim_notifications(100.0) == []  # taken: invisible to a second sender
-        assert [n.run_id for n in store.claim_notifications(161.0)] == [run.id]  # sender died
+        assert store.claim_notifications(159.0, idempotent=True) == []  # still held
+        [note] = store.notifications(run_id)
+        assert (note.status, note.dedupe_key) == ("sending", f"{run_id}/run_queued/")
+
+    def test_a_row_whose_sender_died_is_in_doubt_and_never_sent_again(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [claimed] = store.claim_notifications(100.0, hold_s=60.0)
+        # the sender dies between send and mark; its hold passes
+        assert store.claim_notifications(161.0) == []
+        [note] = store.notifications(run_id)
+        assert (note.status, note.attempts) == ("in_doubt", 1)
+        assert note.error is not None and note.error.startswith("in doubt")
+        assert store.claim_notifications(10_000.0) == []
+        assert store.claim_notifications(10_000.0, idempotent=True) == []
+        assert store.pending_notifications(10_000.0) == []
+        # the sender was only slow: a failure it reports now changes nothing, a success does
+        assert not store.mark_notification(claimed.id, sent=False, now=170.0, retry_at=200.0)
+        assert store.notifications(run_id)[0].status == "in_doubt"
+        assert store.mark_notification(claimed.id, sent=True, now=171.0)
+        assert store.notifications(run_id)[0].status == "sent"
+
+    def test_an_idempotent_sender_takes_an_expired_row_again(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [first] = store.claim_notifications(100.0, hold_s=60.0, idempotent=True)
+        [again] = store.claim_notifications(161.0, hold_s=60.0, idempotent=True)
+        assert (again.id, again.status, again.next_attempt_at) == (first.id, "sending", 221.0)
+        assert again.dedupe_key == first.dedupe_key  # so the provider drops the second copy
+        assert store.claim_notifications(161.0, idempotent=True) == []
+        assert store.mark_notification(again.id, sent=True, now=162.0, provider_id="e-1")
+        assert store.notifications(run_id)[0].status == "sent"
+
+    def test_an_admin_resends_or_marks_a_row_in_doubt(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [note] = store.claim_notifications(100.0, hold_s=60.0)
+        with pytest.raises(ValueError, match="sending"):
+            store.resolve_notification(note.id, resend=True, now=120.0)
+        store.claim_notifications(161.0)  # -> in doubt
+        resent = store.resolve_notification(note.id, resend=True, now=200.0)
+        assert (resent.status, resent.next_attempt_at) == ("pending", 200.0)
+        [again] = store.claim_notifications(200.0)
+        assert again.id == note.id
+        assert store.mark_notification(note.id, sent=False, now=201.0, error="550 no")  # failed
+        marked = store.resolve_notification(note.id, resend=False, now=300.0)
+        assert (marked.status, marked.sent_at, marked.error) == ("sent", 300.0, None)
+        assert store.notifications(run_id) == [marked]
+        with pytest.raises(ValueError, match="sent"):
+            store.resolve_notification(note.id, resend=True, now=301.0)
+        with pytest.raises(KeyError):
+            store.resolve_notification(10**9, resend=True, now=301.0)
+
+    def test_a_send_that_may_have_left_is_marked_in_doubt(self, store: Store) -> None:
+        run_id = self._one_queued_note(store)
+        [note] = store.claim_notifications(100.0, hold_s=60.0)
+        assert store.mark_notification(note.id, sent=False, now=101.0, error="lost", in_doubt=True)
+        [after] = store.notifications(run_id)
+        assert (after.status, after.error, after.attempts) == ("in_doubt", "lost", 1)
+        assert store.claim_notifications(10_000.0) == []
 
 
 def drain_item(store: Store, key: str, now: float = T0) -> None:

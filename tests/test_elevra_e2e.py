@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,50 @@ def test_the_real_nc_listing_completes_every_batch(
     assert summary["elections"] == len(elections)
     assert summary["provider_429"] == 0
     book = openpyxl.load_workbook(summary["workbook"], read_only=True)
+    assert book.sheetnames == ["Results", "Summary", "Needs re-upload"]
     assert book["Results"].max_row - 1 == 3120
+    facts = {r[0]: r[1] for r in book["Summary"].iter_rows(values_only=True) if r and r[0]}
+    assert (facts["Rows"], facts["Rows inserted"], facts["Batches completed"]) == (3120, 3120, 988)
+    assert facts["Input tokens"] == summary["input_tokens"]
+    assert list(book["Needs re-upload"].iter_rows(values_only=True))[1:] == []
     finals = [e for e in emails(tmp_path) if e["attachments"]]
     assert len(finals) == 1
+
+
+@pytest.mark.skipif(not NC_FILE.exists(), reason="the shared NC candidate file is not present")
+def test_a_slice_of_the_nc_listing_gives_the_three_sheets_and_formula_text_stays_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with NC_FILE.open(encoding="cp1252", errors="replace", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = [r for _, r in zip(range(120), reader, strict=False)]
+        fields = reader.fieldnames
+    assert fields is not None
+    rows[3]["name_on_ballot"] = '=HYPERLINK("https://evil.example","Vote here")'
+    rows[4]["party_candidate"] = "@SUM(A1:A9)"
+    sliced = tmp_path / "nc_slice.csv"
+    with sliced.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = run_cli(capsys, str(sliced), "--out", str(tmp_path / "out"))
+    assert summary["exit_code"] == 0 and summary["rows"] == 120
+    (final,) = [e for e in emails(tmp_path / "out") if e["attachments"]]
+    content = base64.b64decode(final["attachments"][0]["content_base64"])
+    book = openpyxl.load_workbook(io.BytesIO(content))
+    assert book.sheetnames == ["Results", "Summary", "Needs re-upload"]
+    results = book["Results"]
+    header = [c.value for c in results[1]]
+    names = [row[header.index("Full name")] for row in results.iter_rows(min_row=2)]
+    [formula] = [c for c in names if str(c.value).startswith("=")]
+    assert formula.value == rows[3]["name_on_ballot"]
+    assert formula.data_type == "s" and formula.quotePrefix
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:  # no formula anywhere, any sheet
+        sheets = [n for n in archive.namelist() if n.startswith("xl/worksheets/sheet")]
+        assert len(sheets) == 3
+        assert all("<f>" not in archive.read(n).decode() for n in sheets)
+    for sheet in book:
+        assert sheet.freeze_panes == "A2" and sheet["A1"].font.bold
 
 
 @pytest.mark.skipif(not NC_FILE.exists(), reason="the shared NC candidate file is not present")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import openpyxl
@@ -17,12 +18,17 @@ from examples.elevra_upload.prompts import render_analyze, render_structure
 from examples.elevra_upload.responder import respond
 from examples.elevra_upload.schema import parse_structured
 from examples.elevra_upload.workbook import (
+    FailedBatch,
     ResultRow,
+    RunFacts,
     build_workbook,
     rows_for_batch,
     rows_for_rejected,
 )
+from llm_batch_queue.jobs import Run, RunCounts, RunStatus, Scope, StageSpec
+from llm_batch_queue.summary import AttemptGroup, ModelPrice, summarize
 
+T0 = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
 SAMPLES = Path(__file__).parents[1] / "examples" / "elevra_upload" / "samples"
 DANGEROUS = [
     "=1+2",
@@ -162,3 +168,110 @@ def test_base_url_notes_control_characters_and_layout(tmp_path: Path) -> None:
     assert sheet.freeze_panes == "A2" and sheet["A1"].font.bold
     assert sheet.column_dimensions["D"].width >= len("Full name")
     assert book["Notes"]["A2"].value == "=x" and book["Notes"]["A2"].data_type == "s"
+
+
+def run_facts() -> RunFacts:
+    run = Run("r1", "elevra_upload", "=cmd|' /C calc'!A0.csv", RunStatus.RUNNING, {}, T0, None)
+    stages = {
+        "analyze": StageSpec("analyze", Scope.ITEM),
+        "insert": StageSpec("insert", Scope.ITEM, after=("analyze",)),
+        "workbook": StageSpec("workbook", Scope.RUN),
+    }
+    counts = RunCounts(
+        {"completed": 2, "needs_reupload": 1},
+        {("analyze", "succeeded"): 3, ("insert", "succeeded"): 2, ("insert", "failed"): 1,
+         ("workbook", "running"): 1},
+    )  # fmt: skip
+    groups = [
+        AttemptGroup("analyze", "pro", False, None, 2, 2_000_000, 100_000, 0, T0 + 1, T0 + 30),
+        AttemptGroup("analyze", "flash", True, None, 1, 1_000, 500, 0, T0 + 40, T0 + 41),
+        AttemptGroup("analyze", "pro", False, "rate_limited", 1, 900, 0, 0, T0 + 2, T0 + 3),
+        AttemptGroup("insert", None, False, "permanent", 1, 0, 0, 0, T0 + 50, T0 + 51),
+        AttemptGroup("insert", None, False, None, 2, 0, 0, 0, T0 + 45, T0 + 60),
+    ]
+    summary = summarize(run, stages, counts, 1, groups, {"sent": 3})
+    return RunFacts(
+        summary,
+        tz="America/New_York",
+        prices={"pro": ModelPrice(1.25, 10.0)},
+        lines=[("File", run.name), ("Rows read", 7)],
+    )
+
+
+def summary_values(path: Path) -> dict[str, object]:
+    sheet = openpyxl.load_workbook(path)["Summary"]
+    return {str(r[0]): r[1] for r in sheet.iter_rows(values_only=True) if r[0] is not None}
+
+
+def test_summary_sheet_counts_timings_tokens_and_cost(tmp_path: Path) -> None:
+    rows = [
+        ResultRow(row_number=1, outcome="inserted"),
+        ResultRow(row_number=2, outcome="needs re-upload", reason="x"),
+    ]
+    path = build_workbook(rows, tmp_path / "r.xlsx", facts=run_facts())
+    values = summary_values(path)
+    assert values["Rows"] == 2 and values["Rows needing re-upload"] == 1
+    assert (
+        values["Batches needing re-upload"] == 1
+        and values["Batch failures (each failure of a retried batch counted)"] == 1
+    )
+    assert values["Successes on a fallback model"] == 1
+    assert values["  failed: rate limited"] == 1 and values["Attempts that failed"] == 2
+    assert values["Input tokens"] == 2_001_900
+    # flash has no price in the table: no total pretends to be complete
+    assert values["Estimated cost (USD)"] == "n/a: no price for flash"
+    # 2025-06-15 15:06:40 UTC, shown as New York's wall time, the zone named in the label
+    assert values["Queued at (America/New_York)"] == datetime(2025, 6, 15, 11, 6, 40)
+    sheet = openpyxl.load_workbook(path)["Summary"]
+    table = list(sheet.iter_rows(values_only=True))
+    start = next(i for i, r in enumerate(table) if r[0] == "Stage")
+    assert table[start + 1][:7] == ("analyze", 3, 0, 0, 4, 1, 1)
+    assert table[start + 1][7] == datetime(2025, 6, 15, 11, 6, 41)
+    assert table[start + 1][9] == 40.0
+    assert table[start + 2][:3] == ("insert", 2, 1)
+    assert table[start + 3][0] is None  # the workbook stage, still running, is left out
+    models = {r[0]: r for r in table if r[0] in ("pro", "flash")}
+    assert models["pro"][6] == pytest.approx(round((2_000_900 * 1.25 + 100_000 * 10.0) / 1e6, 4))
+    assert models["flash"][6] == "no price"
+    header_rows = [c.row for c in sheet["A"] if c.font.bold]
+    assert header_rows == [
+        1,
+        start + 1,
+        next(i for i, r in enumerate(table) if r[0] == "Model") + 1,
+    ]
+    assert sheet.freeze_panes == "A2"
+
+
+def test_needs_reupload_sheet_and_formula_text_on_every_sheet(tmp_path: Path) -> None:
+    failed = [
+        FailedBatch("-batch|2025", "=Mayor – NC", 3, "insert", '=HYPERLINK("http://x","y")', 2),
+        FailedBatch("row 7", "", 1, "reading the file", "+no name"),
+    ]
+    path = build_workbook([], tmp_path / "r.xlsx", facts=run_facts(), failed=failed)
+    book = openpyxl.load_workbook(path)
+    assert book.sheetnames == ["Results", "Summary", "Needs re-upload"]
+    sheet = book["Needs re-upload"]
+    assert [c.value for c in sheet[1]] == [
+        "Batch key",
+        "Batch",
+        "Rows",
+        "Stage",
+        "Reason",
+        "Failures",
+    ]
+    assert [c.value for c in sheet[2]] == [
+        "-batch|2025", "=Mayor – NC", 3, "insert", '=HYPERLINK("http://x","y")', 2
+    ]  # fmt: skip
+    assert [c.value for c in sheet[3]][:5] == ["row 7", None, 1, "reading the file", "+no name"]
+    for cell in (sheet["A2"], sheet["B2"], sheet["E2"], sheet["E3"]):
+        assert cell.data_type == "s" and cell.quotePrefix
+    file_cell = next(c for c in book["Summary"]["B"] if c.value == run_facts().lines[0][1])
+    assert file_cell.data_type == "s" and file_cell.quotePrefix
+    with zipfile.ZipFile(path) as archive:
+        assert not any(
+            "<f>" in archive.read(n).decode()
+            for n in archive.namelist()
+            if n.startswith("xl/worksheets/")
+        )
+    assert sheet["A1"].font.bold and sheet.freeze_panes == "A2"
+    assert sheet.column_dimensions["E"].width >= len('=HYPERLINK("http://x","y")')

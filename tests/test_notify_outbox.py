@@ -15,10 +15,11 @@ pytestmark = pytest.mark.anyio
 class FailingTransport:
     """Raises the scripted errors in turn, then delivers like MemoryTransport."""
 
-    def __init__(self, *errors: Exception) -> None:
+    def __init__(self, *errors: Exception, idempotent: bool = False) -> None:
         self.errors = list(errors)
         self.calls = 0
         self.delivered = MemoryTransport()
+        self.idempotent = idempotent
 
     async def send(self, message: Message) -> str:
         self.calls += 1
@@ -109,6 +110,72 @@ async def test_other_exceptions_are_still_retried() -> None:
     await outbox.drain()
     [note] = store.notifications(run_id)
     assert (note.status, note.error) == ("pending", "RuntimeError: boom")
+
+
+async def test_a_message_gets_the_rows_dedupe_key_unless_it_has_one() -> None:
+    transport = FailingTransport()
+    store, _, outbox, run_id = setup(transport)
+    assert await outbox.drain() == 1
+    [sent] = transport.delivered.sent
+    assert sent.idempotency_key == f"{run_id}/run_queued/"
+    [note] = store.notifications(run_id)
+    assert (note.status, note.provider_id) == ("sent", "memory-1")
+
+
+async def test_a_send_that_may_have_left_is_in_doubt_unless_the_transport_dedupes() -> None:
+    lost = DeliveryError("connection lost after DATA", permanent=False, maybe_sent=True)
+    transport = FailingTransport(lost)
+    store, clock, outbox, run_id = setup(transport)
+    assert await outbox.drain() == 0
+    [note] = store.notifications(run_id)
+    assert (note.status, note.attempts) == ("in_doubt", 1)
+    assert note.error is not None and "may have been sent" in note.error
+    clock.advance(24 * 3600)
+    assert await outbox.drain() == 0 and transport.calls == 1  # never offered again
+
+    transport = FailingTransport(lost, idempotent=True)
+    store, clock, outbox, run_id = setup(transport)
+    await outbox.drain()
+    assert store.notifications(run_id)[0].status == "pending"  # the provider drops a copy
+    clock.advance(30.0)
+    assert await outbox.drain() == 1
+
+
+class Crash(BaseException):
+    """The process dying right after the transport returned, before the mark."""
+
+
+class CrashAfterSend:
+    def __init__(self, inner: MemoryTransport) -> None:
+        self.inner = inner
+        self.idempotent = inner.idempotent
+
+    async def send(self, message: Message) -> str:
+        await self.inner.send(message)
+        raise Crash
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+async def test_a_crash_between_send_and_mark_never_sends_twice(idempotent: bool) -> None:
+    store, clock = MemoryStore(), FakeClock()
+    run_id = queued_run(store, clock)
+    wire = MemoryTransport(idempotent=idempotent)
+    with pytest.raises(Crash):
+        await OutboxDelivery(store, CrashAfterSend(wire), compose, clock=clock, hold_s=60).drain()
+    assert store.notifications(run_id)[0].status == "sending"
+    restarted = OutboxDelivery(store, wire, compose, clock=clock, hold_s=60)
+    assert await restarted.drain() == 0  # still held: the sender may only be slow
+    clock.advance(60.0)
+    [note] = store.notifications(run_id)
+    if idempotent:  # sent again under the same key, which the provider turns into one e-mail
+        assert await restarted.drain() == 1
+        first, second = wire.sent
+        assert first.idempotency_key == second.idempotency_key == note.dedupe_key
+        assert store.notifications(run_id)[0].status == "sent"
+    else:
+        assert await restarted.drain() == 0
+        assert len(wire.sent) == 1
+        assert store.notifications(run_id)[0].status == "in_doubt"
 
 
 def test_notify_exports_exactly_what_all_lists() -> None:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import socket
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
+from mailservers import FakeResend, Reply
 
 from llm_batch_queue.notify import (
     RESEND_ATTACHMENT_LIMIT_BYTES,
@@ -30,72 +26,6 @@ from llm_batch_queue.notify import (
 pytestmark = pytest.mark.anyio
 
 KEY = "re_test_key"
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class Reply:
-    status: int
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class FakeResend(ThreadingHTTPServer):
-    """Records every request and answers with the scripted replies in turn (then 200 + id)."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[Request] = []
-        self.replies: list[Reply] = []
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FakeResend
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        with self.server.lock:
-            self.server.requests.append(
-                Request("POST", self.path, dict(self.headers.items()), json.loads(raw))
-            )
-            n = len(self.server.requests)
-            reply = self.server.replies.pop(0) if self.server.replies else None
-        reply = reply or Reply(200, {"id": f"email-{n}"})
-        data = json.dumps(reply.body).encode()
-        self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in reply.headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
-        pass
-
-
-@pytest.fixture
-def resend() -> Iterator[FakeResend]:
-    server = FakeResend()
-    # a short poll interval: shutdown() waits for the serving loop to look
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
 
 
 def transport(url: str, timeout_s: float = 5.0) -> ResendTransport:
@@ -162,6 +92,16 @@ async def test_a_retry_carries_the_same_idempotency_key(resend: FakeResend) -> N
     await t.send(msg)
     assert [r.headers["Idempotency-Key"] for r in resend.requests] == ["r1/run_finished/"] * 2
     assert resend.requests[0].body == resend.requests[1].body  # else Resend answers 409
+    assert len(resend.delivered) == 1
+
+
+async def test_a_repeated_key_gets_the_first_answer_and_one_delivery(resend: FakeResend) -> None:
+    # what the outbox relies on after a crash between send and mark (FakeResend dedupes as
+    # Resend documents it does)
+    t = transport(resend.url)
+    assert t.idempotent
+    assert [await t.send(message()) for _ in range(2)] == ["email-1", "email-1"]
+    assert len(resend.requests) == 2 and len(resend.delivered) == 1
 
 
 async def test_an_overlong_key_is_digested_stably(resend: FakeResend) -> None:
@@ -273,7 +213,8 @@ async def test_a_shared_client_is_used_and_left_open(resend: FakeResend) -> None
             ResendSettings(api_key=KEY, sender="uploads@elevra.test", base_url=resend.url),
             client=client,
         )
-        assert [await t.send(message()) for _ in range(2)] == ["email-1", "email-2"]
+        sent = [await t.send(message(idempotency_key=f"r{i}")) for i in range(2)]
+        assert sent == ["email-1", "email-2"]
         assert not client.is_closed
     assert len(resend.requests) == 2
 

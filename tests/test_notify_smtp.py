@@ -8,21 +8,19 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
-from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import openpyxl
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from mailservers import Recorder
 
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.notify import (
@@ -37,82 +35,6 @@ from llm_batch_queue.notify import (
 pytestmark = pytest.mark.anyio
 
 SENDER = "Elevra <uploads@elevra.test>"
-
-
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    email: EmailMessage
-    tls: bool
-    authenticated: bool | None
-
-
-class Recorder:
-    """aiosmtpd handler: keeps what was accepted; refuses listed recipients or the data."""
-
-    def __init__(
-        self,
-        refuse: dict[str, str] | None = None,
-        data_reply: str = "250 OK",
-        quit_reply: str = "221 Bye",
-    ) -> None:
-        self.refuse = refuse or {}
-        self.data_reply = data_reply
-        self.quit_reply = quit_reply
-        self.received: list[Received] = []
-
-    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
-        return self.quit_reply
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: Any
-    ) -> str:
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.data_reply.startswith("250"):
-            email = message_from_bytes(envelope.original_content, policy=policy.default)
-            assert isinstance(email, EmailMessage)
-            self.received.append(
-                Received(
-                    envelope.mail_from,
-                    list(envelope.rcpt_tos),
-                    email,
-                    session.ssl is not None,
-                    session.authenticated,
-                )
-            )
-        return self.data_reply
-
-
-class EphemeralController(Controller):  # type: ignore[misc]
-    """Binds port 0 and learns the port the OS chose, so parallel runs never collide."""
-
-    def __init__(self, handler: Recorder, **kwargs: Any) -> None:
-        super().__init__(handler, hostname="127.0.0.1", port=0, server_hostname="mx.test", **kwargs)
-
-    def _trigger_server(self) -> None:
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    started: list[EphemeralController] = []
-
-    def start(handler: Recorder, **kwargs: Any) -> int:
-        controller = EphemeralController(handler, **kwargs)
-        controller.start()
-        started.append(controller)
-        return int(controller.port)
-
-    yield start
-    for controller in started:
-        controller.stop()
 
 
 @dataclass(frozen=True)
@@ -366,6 +288,18 @@ async def test_a_refused_connection_is_transient() -> None:
         with pytest.raises(DeliveryError, match="ConnectionRefusedError") as err:
             await SMTPTransport(plain(port)).send(message())
     assert not err.value.permanent and err.value.code is None
+    assert not err.value.maybe_sent  # nothing was handed over: a retry cannot duplicate
+
+
+async def test_a_connection_lost_after_the_data_may_have_delivered(serve: Any) -> None:
+    # the server took the message and hung up before answering: it may well be in the mailbox
+    handler = Recorder(drop_after_data=True)
+    transport = SMTPTransport(plain(serve(handler)))
+    assert not transport.idempotent
+    with pytest.raises(DeliveryError) as err:
+        await transport.send(message())
+    assert err.value.maybe_sent and not err.value.permanent
+    assert len(handler.received) == 1
 
 
 async def test_a_server_that_never_greets_times_out_transiently() -> None:

@@ -25,11 +25,20 @@ from llm_batch_queue import events
 from llm_batch_queue.adapters.gemini import GeminiAdapter
 from llm_batch_queue.clock import SystemClock
 from llm_batch_queue.dispatch import DispatcherSettings, DispatchStats
-from llm_batch_queue.jobs import Item, NewItem, Run
-from llm_batch_queue.notify import DryRunTransport, OutboxDelivery
+from llm_batch_queue.jobs import Item, NewItem, Notification, Run
+from llm_batch_queue.notify import (
+    DryRunTransport,
+    LinkLargeAttachments,
+    LocalDirectoryStore,
+    OutboxDelivery,
+    ResendSettings,
+    ResendTransport,
+    SMTPTransport,
+    Transport,
+)
 from llm_batch_queue.pipeline import Pipeline
 from llm_batch_queue.simulator import Simulator
-from llm_batch_queue.store.base import Store
+from llm_batch_queue.store.base import Purge, Store
 from llm_batch_queue.store.sql import open_store
 from llm_batch_queue.store.sql.engine import WRITE, make_engine
 from llm_batch_queue.worker import WorkerApp, serve
@@ -81,6 +90,32 @@ class ElevraApp:
         the upload finishes without it. ValueError for a completed or already failed batch."""
         return self.store.skip_item(run_id, batch_key, reason, self.clock.now())
 
+    def transport(self) -> Transport:
+        """The configured e-mail transport, linking attachments too large to send."""
+        c = self.config
+        inner: Transport
+        if c.email_transport == "smtp":
+            inner = SMTPTransport(c.smtp_settings())
+        elif c.email_transport == "resend":
+            assert c.resend_api_key is not None
+            inner = ResendTransport(
+                ResendSettings(c.resend_api_key, c.email_from, base_url=c.resend_base_url)
+            )
+        else:
+            inner = DryRunTransport(self.out / "emails.jsonl")
+        files = LocalDirectoryStore(c.attach_dir or self.out / "attachments", c.attach_base_url)
+        return LinkLargeAttachments(inner, files, max_bytes=c.attach_max_bytes)
+
+    def resolve_email(self, notification_id: int, *, resend: bool) -> Notification:
+        """An admin's answer to an e-mail in doubt (or failed): send it (again) with the next
+        dispatch, or record that it arrived."""
+        return self.store.resolve_notification(notification_id, resend=resend, now=self.clock.now())
+
+    def cleanup(self, older_than_s: float) -> Purge:
+        """Clear the rows and model outputs of uploads finished longer ago than `older_than_s`
+        whose final e-mail was sent (the others are reported as waiting)."""
+        return self.store.purge_finished_runs(older_than_s, self.clock.now())
+
     def worker_app(self, on_event: events.EventSink | None = None) -> WorkerApp:
         """The dispatcher's parts: Gemini (or the simulator), limits, the e-mail outbox."""
         base_url = self.simulator.url if self.simulator else self.config.gemini_base_url
@@ -91,9 +126,10 @@ class ElevraApp:
         )
         outbox = OutboxDelivery(
             self.store,
-            DryRunTransport(self.out / "emails.jsonl"),
+            self.transport(),
             ElevraMail(self.store, self.config, self.clock),
             clock=self.clock,
+            hold_s=self.config.email_hold_s,
         )
         return WorkerApp(
             self.pipeline,
@@ -202,14 +238,17 @@ class ElevraApp:
             "provider_429": sum(1 for a in attempts if a.result.error_kind == "rate_limited"),
             "input_tokens": sum(a.result.input_tokens for a in attempts),
             "output_tokens": sum(a.result.output_tokens for a in attempts),
+            "cost_usd": self.store.run_summary(run_id).total_cost_usd(self.config.prices),
             "workbook": workbook,
             "emails": sum(1 for n in notes if n.status == "sent"),
-            # not delivered (yet): the next dispatch retries pending ones; failed ones gave up
+            # not delivered (yet): the next dispatch retries pending ones; failed ones gave up;
+            # in_doubt ones wait for `email ID --resend` or `--mark-sent`
             "emails_undelivered": [
-                {"kind": n.kind, "status": n.status, "error": n.error}
+                {"id": n.id, "kind": n.kind, "key": n.key, "status": n.status, "error": n.error}
                 for n in notes
                 if n.status != "sent"
             ],
+            "purged_at": run.purged_at,
             "elapsed_s": None if elapsed_s is None else round(elapsed_s, 2),
         }
 
@@ -239,7 +278,7 @@ def open_app(
         except (IntegrityError, ProgrammingError):
             # another process created them at the same moment (PostgreSQL): they exist now
             app_store.create_tables(engine)
-        pipeline = build_pipeline(config, engine, out)
+        pipeline = build_pipeline(config, engine, out, store)
         if simulate and not config.gemini_base_url:
             simulator = start_simulator(config.limits, pipeline.model_names)
         yield ElevraApp(config, out, store, engine, pipeline, simulator, SystemClock())

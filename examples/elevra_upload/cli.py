@@ -1,8 +1,9 @@
 """`python -m examples.elevra_upload run FILE`: ingest, dispatch until done, report.
 
-Also `dispatch` (drive whatever is queued: after a crash, or from cron), `status`, and the admin
+Also `dispatch` (drive whatever is queued: after a crash, or from cron), `status`, the admin
 actions on one batch: `retry` (run a batch that needs re-upload again) and `skip` (mark a queued
-or running batch for re-upload).
+or running batch for re-upload), `email` (resend an e-mail in doubt, or record that it arrived)
+and `cleanup` (clear old uploads' rows and model outputs once their final e-mail was sent).
 """
 
 from __future__ import annotations
@@ -71,7 +72,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only re-queue the batch (a running or later `dispatch` does the work)",
     )
     skip.add_argument("--reason", required=True, help="why: shown in the e-mail and workbook")
-    for p in (run, dispatch, worker, status, retry, skip):
+    email = sub.add_parser(
+        "email",
+        help="resend an e-mail that is in doubt or failed, or record that it arrived",
+        description="An e-mail whose sender stopped between sending and recording it is in doubt "
+        "(SMTP and the dry-run log cannot take back a second copy, so it is not resent on its "
+        "own). Look in the mail server's log for it (its Message-ID is stable), then either "
+        "resend it or mark it sent. `status RUN_ID` lists the ids.",
+    )
+    email.add_argument("notification_id", type=int, help="the e-mail's id (`status RUN_ID`)")
+    choice = email.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--resend", action="store_true", help="send it with the next dispatch")
+    choice.add_argument("--mark-sent", action="store_true", help="it arrived: record it as sent")
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="clear the rows and model outputs of uploads finished long enough ago",
+        description="Clears the spreadsheet rows and model outputs kept for uploads that "
+        "finished more than --older-than ago, once their final e-mail was sent (an upload whose "
+        "final e-mail is pending, failed or in doubt keeps everything). Counts, reasons and the "
+        "workbook file stay; a cleaned upload can no longer be retried.",
+    )
+    cleanup.add_argument(
+        "--older-than", required=True, type=_duration, help="e.g. 30d, 12h, 90m or seconds"
+    )
+    for p in (run, dispatch, worker, status, retry, skip, email, cleanup):
         p.add_argument(
             "--out",
             type=Path,
@@ -114,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _retry(app, args)
             if args.command == "skip":
                 return _skip(app, args)
+            if args.command == "email":
+                return _email(app, args)
+            if args.command == "cleanup":
+                return _cleanup(app, args)
             return _status(app, args)
     except (IngestError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -239,6 +267,49 @@ def _skip(app: ElevraApp, args: argparse.Namespace) -> int:
     return 0
 
 
+def _email(app: ElevraApp, args: argparse.Namespace) -> int:
+    try:
+        note = app.resolve_email(args.notification_id, resend=args.resend)
+    except (KeyError, ValueError) as exc:
+        return _refused(exc)
+    what = "queued to be sent with the next `dispatch`" if args.resend else "recorded as sent"
+    print(
+        f"e-mail {note.id} ({note.kind} {note.key}) of upload {note.run_id} {what}", file=sys.stderr
+    )
+    if args.json:
+        print(json.dumps({"id": note.id, "status": note.status}))
+    return 0
+
+
+def _cleanup(app: ElevraApp, args: argparse.Namespace) -> int:
+    done = app.cleanup(args.older_than)
+    print(f"cleaned {len(done.purged)} upload(s): {' '.join(done.purged) or '-'}", file=sys.stderr)
+    if done.waiting:
+        print(
+            f"kept {len(done.waiting)} upload(s) whose final e-mail was not sent (see `status "
+            f"RUN_ID`): {' '.join(done.waiting)}",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps({"purged": done.purged, "waiting": done.waiting}))
+    return 0
+
+
+def _duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s' or plain seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    value = text.strip().lower()
+    factor = units.get(value[-1:])
+    number = value[:-1] if factor is not None else value
+    try:
+        seconds = float(number) * (factor or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30d, 12h, 90m)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration is a finite number >= 0, got {text!r}")
+    return seconds
+
+
 def _refused(exc: KeyError | ValueError) -> int:
     """The store refused the admin action: an unknown upload/batch, or a batch in the wrong
     state. (A KeyError's str() is its repr; print its message.)"""
@@ -261,6 +332,24 @@ def _status(app: ElevraApp, args: argparse.Namespace) -> int:
             if item.status is not ItemStatus.COMPLETED:
                 error = f"  {item.error}" if item.error else ""
                 print(f"  {item.status.value:<15} {item.key}{error}", file=sys.stderr)
+    for s in summaries:  # e-mails an admin may have to act on, by id
+        for note in s["emails_undelivered"]:
+            hint = (
+                "  -> `email ID --resend` or `--mark-sent`"
+                if note["status"]
+                in (
+                    "in_doubt",
+                    "failed",
+                )
+                else ""
+            )
+            print(
+                f"  e-mail {note['id']} {note['status']:<9} {note['kind']} {note['key']}"
+                f"{hint}: {note['error'] or ''}",
+                file=sys.stderr,
+            )
+        if s["purged_at"] is not None:
+            print(f"  {s['run_id']}: rows and model outputs cleaned up", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries))
     return 0

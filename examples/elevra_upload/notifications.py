@@ -7,24 +7,14 @@ from typing import Any
 
 import anyio
 
-from examples.elevra_upload.batches import Batch
 from examples.elevra_upload.config import AppConfig
+from examples.elevra_upload.outcomes import batch_label
 from llm_batch_queue.clock import Clock
-from llm_batch_queue.jobs import Item, Notification
+from llm_batch_queue.jobs import Notification
 from llm_batch_queue.notify import XLSX_MIME, Attachment, Message, TemplateRenderer
 from llm_batch_queue.store.base import Store
 
 TEMPLATES = Path(__file__).with_name("emails")
-
-
-def batch_label(item: Item) -> str:
-    try:
-        batch = Batch.from_payload(item.payload)
-    except ValueError:
-        return item.key
-    when = batch.election_date.isoformat() if batch.election_date else batch.year
-    part = f" (part {batch.part}/{batch.parts})" if batch.parts > 1 else ""
-    return " – ".join(str(p) for p in (batch.contest, batch.state, when) if p) + part
 
 
 class ElevraMail:
@@ -40,7 +30,8 @@ class ElevraMail:
         self.store = store
         self.config = config
         self.clock = clock
-        self.renderer = TemplateRenderer((*template_dirs, TEMPLATES), tz=config.display_tz)
+        dirs = (*template_dirs, *((config.templates_dir,) if config.templates_dir else ()))
+        self.renderer = TemplateRenderer((*dirs, TEMPLATES), tz=config.display_tz)
 
     async def __call__(self, note: Notification) -> Message | None:
         run = self.store.get_run(note.run_id)
@@ -49,6 +40,7 @@ class ElevraMail:
             "run": {"id": run.id, "name": run.name},
             "meta": run.meta,
             "now": self.clock.now(),
+            "at": note.created_at,  # when it happened, not when the e-mail got out
             "counts": {
                 "total": sum(counts.values()),
                 "completed": counts.get("completed", 0),
@@ -114,16 +106,22 @@ class ElevraMail:
             path = Path(workbook["path"])
             content = await anyio.Path(path).read_bytes()
             attachments = (Attachment(path.name, content, XLSX_MIME),)
-        fallbacks = sum(
-            1
-            for a in self.store.attempts(run_id)
-            if a.result.is_fallback and a.result.error_kind is None
-        )
+        summary = self.store.run_summary(run_id)
+        cost = summary.total_cost_usd(self.config.prices)
         final = {
             "status": status,
             "elections": len(elections),
             "candidates": len(candidates),
-            "fallbacks": fallbacks,
+            "fallbacks": summary.fallbacks,
+            "failed_attempts": summary.failed_attempts,
+            "input_tokens": summary.input_tokens,
+            "output_tokens": summary.output_tokens,
+            "cost": "n/a" if cost is None else f"${cost:,.2f}",
+            "stages": [
+                {"name": st.name, "started": st.first_started_at, "finished": st.last_finished_at}
+                for st in summary.stages
+                if st.first_started_at is not None and st.name != "workbook"
+            ],
             "hidden": self.config.hidden,
             "workbook": Path(workbook["path"]).name if workbook else None,
             "failed": [

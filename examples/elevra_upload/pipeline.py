@@ -14,9 +14,11 @@ from examples.elevra_upload.outcomes import write_results_workbook
 from examples.elevra_upload.prompts import render_analyze, render_structure
 from examples.elevra_upload.schema import Analysis, StructuredOutput
 from examples.elevra_upload.store import InsertError, insert_batch
+from examples.elevra_upload.workbook import RunFacts
 from llm_batch_queue.errors import PermanentError
 from llm_batch_queue.jobs import JSON, Scope
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
+from llm_batch_queue.store.base import Store
 from llm_batch_queue.store.milestones import KINDS
 
 PIPELINE_NAME = "elevra_upload"
@@ -33,6 +35,7 @@ class ElevraStages:
     config: AppConfig
     engine: Engine
     out_dir: Path
+    store: Store
 
     def analyze_prompt(self, ctx: StageContext) -> Prompt:
         return Prompt(render_analyze(Batch.from_payload(ctx.payload)), system=SYSTEM)
@@ -60,16 +63,36 @@ class ElevraStages:
         # a retried upload gets a new workbook; the first one stays as it was sent
         suffix = f"-round{ctx.run.round}" if ctx.run.round > 1 else ""
         path = self.out_dir / f"elevra-upload-{ctx.run.id}{suffix}.xlsx"
-        rows = await anyio.to_thread.run_sync(
-            lambda: write_results_workbook(
-                ctx.items, path, self.config.app_url, ctx.run.meta.get("rejected", ())
+        rejected = ctx.run.meta.get("rejected", ())
+
+        def write() -> int:
+            summary = self.store.run_summary(ctx.run.id)
+            facts = RunFacts(
+                summary,
+                tz=self.config.display_tz,
+                prices=self.config.prices,
+                lines=[
+                    ("File", ctx.run.name),
+                    ("Upload ID", ctx.run.id),
+                    ("Rows read", ctx.run.meta.get("rows")),
+                    ("Rows that could not be read", len(rejected)),
+                ],
             )
-        )
+            return write_results_workbook(
+                ctx.items,
+                path,
+                self.config.app_url,
+                rejected,
+                jobs=self.store.jobs(ctx.run.id),
+                facts=facts,
+            )
+
+        rows = await anyio.to_thread.run_sync(write)
         return {"path": str(path), "rows": rows}
 
 
-def build_pipeline(config: AppConfig, engine: Engine, out_dir: Path) -> Pipeline:
-    stages = ElevraStages(config, engine, out_dir)
+def build_pipeline(config: AppConfig, engine: Engine, out_dir: Path, store: Store) -> Pipeline:
+    stages = ElevraStages(config, engine, out_dir, store)
     return Pipeline(
         PIPELINE_NAME,
         (

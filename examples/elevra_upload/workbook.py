@@ -1,18 +1,24 @@
-"""The results workbook: one row per input row, saying what became of it.
+"""The results workbook: one row per input row, saying what became of it; a summary; and the
+batches that need re-upload.
 
-Unlike the original (§6) every row carries an outcome and, when it needs re-upload, the reason. Any
-text that a spreadsheet program would read as a formula (``=``, ``+``, ``-``, ``@``, tab, CR) is
-written as a text cell with a quote prefix, so an uploaded cell can never run as a formula in the
-workbook that is e-mailed back (CSV/formula injection).
+Sheets: ``Results`` (unlike the original's single sheet, §6, every row carries an outcome and,
+when it needs re-upload, the reason), ``Summary`` (rows per outcome, batches per status, stage
+timings, fallbacks, failures, tokens and cost per model) and ``Needs re-upload`` (each failed
+batch with its rows, the stage it failed at and why). Any text that a spreadsheet program would
+read as a formula (``=``, ``+``, ``-``, ``@``, tab, CR) is written as a text cell with a quote
+prefix, on every sheet, so an uploaded cell (or a file name, or a model's error message) can never
+run as a formula in the workbook that is e-mailed back (CSV/formula injection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from datetime import date
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
+from zoneinfo import ZoneInfo
 
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE, Cell, MergedCell
@@ -20,14 +26,18 @@ from openpyxl.styles import Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
+from llm_batch_queue.summary import ModelPrice, RunSummary
+
 from .batches import Batch
 from .ingest import CandidateRow, RejectedRow
 from .store import InsertResult
 
 __all__ = [
     "DEFAULT_CANDIDATE_BASE_URL",
+    "FailedBatch",
     "Outcome",
     "ResultRow",
+    "RunFacts",
     "build_workbook",
     "rows_for_batch",
     "rows_for_rejected",
@@ -75,6 +85,36 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("Reason", "reason"),
 )
 _LINK_HEADER = "Candidate link"
+_OUTCOMES: dict[Outcome, str] = {
+    "inserted": "Rows inserted",
+    "already present": "Rows already present",
+    "needs re-upload": "Rows needing re-upload",
+}
+Value = str | int | float | date | None
+_BATCH_STATUS = {"needs_reupload": "needing re-upload"}
+
+
+@dataclass(frozen=True)
+class FailedBatch:
+    """One line of the Needs re-upload sheet."""
+
+    key: str  # what `retry RUN_ID KEY` takes
+    label: str
+    rows: int
+    stage: str  # where it stopped: the stage that gave up, "skipped", or "reading the file"
+    reason: str
+    failures: int = 1  # times it ended needing re-upload (retried ones count each time)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the Summary sheet says about the run beyond the rows: the store's run summary at
+    the time the workbook is built, and how to show it."""
+
+    summary: RunSummary
+    tz: str = "UTC"
+    prices: Mapping[str, ModelPrice] = field(default_factory=dict)
+    lines: Sequence[tuple[str, Value]] = ()  # extra lines, first: the file, rows read …
 
 
 def rows_for_batch(
@@ -139,8 +179,11 @@ def build_workbook(
     *,
     candidate_base_url: str = DEFAULT_CANDIDATE_BASE_URL,
     notes: Sequence[str] = (),
+    facts: RunFacts | None = None,
+    failed: Sequence[FailedBatch] = (),
 ) -> Path:
-    """Write the ``Results`` sheet (sorted by input row) and, if given, a ``Notes`` sheet."""
+    """Write ``Results`` (sorted by input row), ``Summary``, ``Needs re-upload`` and, if given,
+    ``Notes``."""
     book = Workbook()
     sheet = book.active
     assert sheet is not None  # a new Workbook always has one sheet
@@ -157,16 +200,136 @@ def build_workbook(
             _write(link, base + result.slug)
             link.hyperlink = base + result.slug
             link.style = "Hyperlink"
-    _style(sheet, headers)
+    _style(sheet, [1])
+    _summary_sheet(book.create_sheet("Summary"), ordered, facts)
+    _failed_sheet(book.create_sheet("Needs re-upload"), failed)
     if notes:
         notes_sheet = book.create_sheet("Notes")
         notes_sheet.append(["Note"])
         for note in notes:
             _write(notes_sheet.cell(notes_sheet.max_row + 1, 1), note)
-        _style(notes_sheet, ["Note"])
+        _style(notes_sheet, [1])
     path = Path(path)
     book.save(path)
     return path
+
+
+def _summary_sheet(sheet: Worksheet, rows: Sequence[ResultRow], facts: RunFacts | None) -> None:
+    headers: list[int] = []
+    at = 0
+
+    def line(*values: Value, header: bool = False) -> None:
+        nonlocal at
+        at += 1
+        for column, value in enumerate(values, start=1):
+            _write(sheet.cell(at, column), value)
+        if header:
+            headers.append(at)
+
+    line("Summary", "Value", header=True)
+    for title, value in facts.lines if facts else ():
+        line(title, value)
+    outcomes = Counter(r.outcome for r in rows)
+    line("Rows", len(rows))
+    for outcome, title in _OUTCOMES.items():
+        line(title, outcomes.get(outcome, 0))
+    if facts is not None:
+        _run_lines(line, facts)
+    _style(sheet, headers)
+
+
+def _run_lines(line: _Line, facts: RunFacts) -> None:
+    s, zone = facts.summary, ZoneInfo(facts.tz)
+
+    def local(epoch: float | None) -> datetime | None:
+        # Excel has no time zones: local wall time, the zone named in the label
+        return None if epoch is None else datetime.fromtimestamp(epoch, zone).replace(tzinfo=None)
+
+    line("Batches", s.items_total)
+    for status, n in s.items_by_status.items():
+        line(f"Batches {_BATCH_STATUS.get(status, status)}", n)
+    line("Batch failures (each failure of a retried batch counted)", s.item_failures)
+    line(f"Queued at ({facts.tz})", local(s.run.created_at))
+    line("Model and stage attempts", s.attempts)
+    line("Attempts that failed", s.failed_attempts)
+    for kind, n in s.failures_by_kind.items():
+        line(f"  failed: {kind.replace('_', ' ')}", n)
+    line("Successes on a fallback model", s.fallbacks)
+    line("Input tokens", s.input_tokens)
+    line("Output tokens (thinking included)", s.output_tokens)
+    total = s.total_cost_usd(facts.prices)
+    unpriced = [m for m, c in s.costs(facts.prices).items() if c is None]
+    line(
+        "Estimated cost (USD)",
+        round(total, 4) if total is not None else f"n/a: no price for {', '.join(unpriced)}",
+    )
+    line()
+    line(
+        "Stage",
+        "Succeeded",
+        "Failed",
+        "Cancelled",
+        "Attempts",
+        "Failed attempts",
+        "Fallback successes",
+        f"First start ({facts.tz})",
+        f"Last finish ({facts.tz})",
+        "Duration (s)",
+        header=True,
+    )
+    for st in s.stages:
+        jobs = st.jobs_by_status
+        if not st.attempts and not set(jobs) - {"pending", "ready", "running"}:
+            continue  # not started: the workbook stage itself, while it builds this
+        duration = st.duration_s
+        line(
+            st.name,
+            jobs.get("succeeded", 0),
+            jobs.get("failed", 0),
+            jobs.get("cancelled", 0),
+            st.attempts,
+            st.failed_attempts,
+            st.fallbacks,
+            local(st.first_started_at),
+            local(st.last_finished_at),
+            None if duration is None else round(duration, 1),
+        )
+    line()
+    line(
+        "Model",
+        "Attempts",
+        "Succeeded",
+        "Input tokens",
+        "Output tokens",
+        "Thinking tokens",
+        "Cost (USD)",
+        header=True,
+    )
+    costs = s.costs(facts.prices)
+    for m in s.models:
+        cost = costs.get(m.model)
+        line(
+            m.model,
+            m.attempts,
+            m.succeeded,
+            m.input_tokens,
+            m.output_tokens,
+            m.thinking_tokens,
+            "no price" if cost is None else round(cost, 4),
+        )
+
+
+class _Line(Protocol):
+    def __call__(self, *values: Value, header: bool = False) -> None: ...
+
+
+def _failed_sheet(sheet: Worksheet, failed: Sequence[FailedBatch]) -> None:
+    sheet.append(["Batch key", "Batch", "Rows", "Stage", "Reason", "Failures"])
+    for at, f in enumerate(failed, start=2):
+        values: tuple[Value, ...] = (f.key, f.label, f.rows, f.stage, f.reason, f.failures)
+        for column, value in enumerate(values, start=1):
+            _write(sheet.cell(at, column), value)
+    _style(sheet, [1])
 
 
 def _result_row(
@@ -191,29 +354,47 @@ def _result_row(
     )
 
 
-def _write(cell: Cell | MergedCell, value: str | int | date | None) -> None:
+def _write(cell: Cell | MergedCell, value: Value) -> None:
     if isinstance(value, str):
         text = ILLEGAL_CHARACTERS_RE.sub("", value)  # control characters openpyxl refuses
         cell.value = text
         if text.startswith(FORMULA_PREFIXES):
             cell.data_type = "s"  # openpyxl made "=…" a formula; force a string cell
             cell.quotePrefix = True  # and Excel keeps it text even when the cell is edited
+    elif isinstance(value, datetime):
+        cell.value = value
+        cell.number_format = "yyyy-mm-dd hh:mm:ss"
     elif isinstance(value, date):
         cell.value = value
         cell.number_format = "mm/dd/yyyy"
     else:
-        cell.value = value  # int or None
+        cell.value = value  # a number or None
 
 
-def _style(sheet: Worksheet, headers: Sequence[str]) -> None:
-    fill = PatternFill("solid", fgColor="1F4E78")
-    for column, title in enumerate(headers, start=1):
-        cell = sheet.cell(1, column)
-        cell.font = Font(bold=True, color="FFFFFF")
-        cell.fill = fill
-        width = max(
-            [len(title)] + [len(str(c.value or "")) for c in sheet[get_column_letter(column)]]
-        )
-        sheet.column_dimensions[get_column_letter(column)].width = min(max(width + 2, 8), 60)
+_HEADER_FILL = PatternFill("solid", fgColor="1F4E78")
+_HEADER_FONT = Font(bold=True, color="FFFFFF")
+
+
+def _style(sheet: Worksheet, header_rows: Sequence[int]) -> None:
+    """Header rows white on dark blue, the first frozen; columns as wide as their text (within
+    reason); a filter on a table sheet."""
+    for at in header_rows:
+        for cell in sheet[at]:
+            if cell.value is not None:
+                cell.font = _HEADER_FONT
+                cell.fill = _HEADER_FILL
+    for column in range(1, sheet.max_column + 1):
+        letter = get_column_letter(column)
+        width = max(_width(c.value) for c in sheet[letter])
+        sheet.column_dimensions[letter].width = min(max(width + 2, 8), 60)
     sheet.freeze_panes = "A2"
-    sheet.auto_filter.ref = sheet.dimensions
+    if list(header_rows) == [1]:
+        sheet.auto_filter.ref = sheet.dimensions
+
+
+def _width(value: object) -> int:
+    if isinstance(value, datetime):
+        return 19
+    if isinstance(value, date):
+        return 10
+    return len(str(value or ""))

@@ -68,6 +68,8 @@ class Run:
     created_at: float
     finished_at: float | None
     round: int = 1  # 1, then +1 each time an admin retry reopens the finished run
+    # when the retention purge cleared its payloads and outputs (Store.purge_finished_runs)
+    purged_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,16 @@ class GiveUp:
 Outcome = Retry | GiveUp
 
 
+class NotificationStatus(StrEnum):
+    PENDING = "pending"  # due at next_attempt_at
+    SENDING = "sending"  # claimed by a sender until next_attempt_at (the claim's hold)
+    SENT = "sent"
+    FAILED = "failed"  # gave up: a permanent error, or out of attempts
+    # a sender claimed it and stopped (crashed, hung) before saying how the send went, and the
+    # transport cannot dedupe a second try: it is not sent again until an admin decides
+    IN_DOUBT = "in_doubt"
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     """An outbox row: written in the transaction that caused it, delivered after commit."""
@@ -184,12 +196,18 @@ class Notification:
     kind: str
     key: str
     payload: JSON
-    status: str  # pending | sent | failed
+    status: NotificationStatus
     attempts: int
     created_at: float
     sent_at: float | None = None
     error: str | None = None
     next_attempt_at: float = 0.0
+    provider_id: str | None = None  # what the transport returned: Resend's id, a Message-ID
+
+    @property
+    def dedupe_key(self) -> str:
+        """Stable for the row across retries, senders and restarts: the idempotency key."""
+        return f"{self.run_id}/{self.kind}/{self.key}"
 
 
 @dataclass(slots=True)

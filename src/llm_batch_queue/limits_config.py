@@ -69,20 +69,29 @@ def limits_from_env(
 
 
 def _load(source: str | os.PathLike[str], var: str | None) -> dict[str, ModelLimits]:
+    data, origin = read_document(source, var, "limits")
+    return _build(data, origin)
+
+
+def read_document(
+    source: str | os.PathLike[str], var: str | None, what: str
+) -> tuple[Any, str]:
+    """JSON text (starting with `{` or `[`), or a .toml or JSON file, parsed; and where it came
+    from, for error messages. Shared with the other settings documents (prices.py)."""
     if isinstance(source, str) and source.lstrip().startswith(("{", "[")):
-        origin = f"{var} (JSON text)" if var else "limits JSON text"
-        return _build(_parse_json(source, origin), origin)
+        origin = f"{var} (JSON text)" if var else f"{what} JSON text"
+        return _parse_json(source, origin), origin
     if not os.fspath(source).strip():
         raise ConfigError(
-            f"{var or 'limits source'}: empty; give JSON text or the path of a .json or .toml file"
+            f"{var or what + ' source'}: empty; give JSON text or the path of a .json or .toml file"
         )
     path = Path(source).expanduser()
-    origin = f"{var} (limits file '{path}')" if var else f"limits file '{path}'"
+    origin = f"{var} ({what} file '{path}')" if var else f"{what} file '{path}'"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"{origin}: no such file (limits are JSON text starting with '{{'"
+            f"{origin}: no such file ({what} are JSON text starting with '{{'"
             " or the path of a .json or .toml file)"
         ) from None
     except IsADirectoryError:
@@ -93,12 +102,10 @@ def _load(source: str | os.PathLike[str], var: str | None) -> dict[str, ModelLim
         raise ConfigError(f"{origin}: cannot be read: {exc.strerror or exc}") from None
     if path.suffix.lower() == ".toml":
         try:
-            data: Any = tomllib.loads(text)
+            return tomllib.loads(text), origin
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
-    else:
-        data = _parse_json(text, origin)
-    return _build(data, origin)
+    return _parse_json(text, origin), origin
 
 
 def _parse_json(text: str, origin: str) -> Any:

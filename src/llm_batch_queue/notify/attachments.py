@@ -82,6 +82,11 @@ class LinkLargeAttachments:
         self.store = store
         self.max_bytes = max_bytes
 
+    @property
+    def idempotent(self) -> bool:
+        # the same message gives the same prepared message (content-addressed links)
+        return self.transport.idempotent
+
     async def send(self, message: Message) -> str:
         return await self.transport.send(await self.prepare(message))
 

@@ -36,6 +36,8 @@ class ResendTransport:
     close it); otherwise each send opens and closes its own, which suits a few e-mails per run.
     """
 
+    idempotent = True  # Resend answers a repeated Idempotency-Key with the first e-mail's id
+
     def __init__(self, settings: ResendSettings, *, client: httpx2.AsyncClient | None = None):
         self.settings = settings
         self._client = client
@@ -62,7 +64,11 @@ class ResendTransport:
                 async with httpx2.AsyncClient(timeout=s.timeout_s) as client:
                     reply = await client.post(url, json=self._body(message), headers=headers)
         except httpx2.TransportError as exc:  # refused, reset, timed out: maybe sent, key dedupes
-            raise DeliveryError(f"Resend: {type(exc).__name__}: {exc}", permanent=False) from exc
+            raise DeliveryError(
+                f"Resend: {type(exc).__name__}: {exc}",
+                permanent=False,
+                maybe_sent=not isinstance(exc, httpx2.ConnectError),
+            ) from exc
         if not reply.is_success:
             raise _status_error(reply)
         email_id = _json(reply).get("id")

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.notify.errors import DeliveryError
 from llm_batch_queue.notify.message import Message
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +85,34 @@ def build_email(message: Message, sender: str, msg_id: str) -> EmailMessage:
     return email
 
 
+class _SMTP(smtplib.SMTP):
+    """Notes when the message itself starts going out: a failure after that may have
+    delivered it (the server can take the data and the connection drop before its reply)."""
+
+    data_started = False
+
+    def data(self, msg: Buffer | str) -> tuple[int, bytes]:
+        self.data_started = True
+        return super().data(msg)
+
+
+class _SMTPS(smtplib.SMTP_SSL):
+    data_started = False
+
+    def data(self, msg: Buffer | str) -> tuple[int, bytes]:
+        self.data_started = True
+        return super().data(msg)
+
+
 class SMTPTransport:
-    """Sends each message over its own SMTP connection; returns the Message-ID it set."""
+    """Sends each message over its own SMTP connection; returns the Message-ID it set.
+
+    Not idempotent: SMTP has no way to ask a server to drop a second copy, so the outbox never
+    re-sends a row whose fate is unknown (a crash mid-send, a connection lost during the data).
+    The Message-ID is still stable per outbox row, so copies can be recognised downstream.
+    """
+
+    idempotent = False
 
     def __init__(self, settings: SMTPSettings) -> None:
         self.settings = settings
@@ -101,6 +131,7 @@ class SMTPTransport:
 
     def _deliver(self, email: EmailMessage, recipients: list[str]) -> None:
         s = self.settings
+        smtp: _SMTP | _SMTPS | None = None
         try:
             smtp = self._connect()
             try:
@@ -123,19 +154,20 @@ class SMTPTransport:
             raise DeliveryError(f"TLS: {exc.verify_message}", permanent=True) from exc
         except (smtplib.SMTPException, OSError) as exc:  # refused, reset, timed out, TLS
             raise DeliveryError(
-                f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}", permanent=False
+                f"SMTP {s.host}:{s.port}: {type(exc).__name__}: {exc}",
+                permanent=False,
+                # no reply to the data: the server may have queued the message all the same
+                maybe_sent=smtp is not None and smtp.data_started,
             ) from exc
         if refused:
             # the others have it already: a retry would send them a second copy
             raise _refused(refused, delivered=len(recipients) - len(refused), permanent=True)
 
-    def _connect(self) -> smtplib.SMTP:
+    def _connect(self) -> _SMTP | _SMTPS:
         s = self.settings
         if s.ssl:
-            return smtplib.SMTP_SSL(
-                s.host, s.port, timeout=s.timeout_s, context=self._tls_context()
-            )
-        return smtplib.SMTP(s.host, s.port, timeout=s.timeout_s)
+            return _SMTPS(s.host, s.port, timeout=s.timeout_s, context=self._tls_context())
+        return _SMTP(s.host, s.port, timeout=s.timeout_s)
 
     def _tls_context(self) -> ssl.SSLContext:
         ca = self.settings.ca_file

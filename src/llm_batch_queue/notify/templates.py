@@ -23,7 +23,8 @@ class TemplateRenderer:
     """Renders `<kind>.subject.j2`, `<kind>.txt.j2` and `<kind>.html.j2`.
 
     Directories earlier in `directories` override later ones, so users can replace any template
-    by dropping a file of the same name into their own directory. HTML is autoescaped.
+    by dropping a file of the same name into their own directory. HTML is autoescaped. The
+    `localtime` filter shows an epoch in the renderer's zone, named.
     """
 
     def __init__(self, directories: Sequence[str | Path], tz: str = "UTC") -> None:
@@ -39,9 +40,13 @@ class TemplateRenderer:
             env.filters["localtime"] = self._localtime
 
     def _localtime(self, epoch: float | None) -> str:
+        """`2025-10-08 10:15:07 EDT (America/New_York)`: the abbreviation alone is ambiguous
+        (CST is three zones), and a fixed offset is wrong half the year (D-26)."""
         if epoch is None:
             return "n/a"
-        return datetime.fromtimestamp(epoch, self.tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+        local = datetime.fromtimestamp(epoch, self.tz)
+        text = local.strftime("%Y-%m-%d %H:%M:%S %Z")
+        return text if local.tzname() == self.tz.key else f"{text} ({self.tz.key})"
 
     def render(self, kind: str, context: Mapping[str, Any]) -> Rendered:
         subject = self._text.get_template(f"{kind}.subject.j2").render(context)

@@ -14,13 +14,23 @@ from llm_batch_queue.notify.message import Message
 
 
 class Transport(Protocol):
+    @property
+    def idempotent(self) -> bool:
+        """True if sending the same message twice (same idempotency_key) delivers it once:
+        the outbox then re-sends a row whose sender died mid-send instead of parking it in
+        doubt. Only a provider that dedupes by key (Resend) may say so."""
+        ...
+
     async def send(self, message: Message) -> str:
-        """Deliver `message`; return the provider's message id. Raise on failure."""
+        """Deliver `message`; return the provider's message id. Raise on failure, preferably
+        a DeliveryError saying whether a retry can help and whether the message may have left."""
         ...
 
 
 class DryRunTransport:
     """Appends each message as one JSON line (attachments base64-encoded) instead of sending."""
+
+    idempotent = False  # a second append is a second line
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -59,8 +69,9 @@ class DryRunTransport:
 class MemoryTransport:
     """Keeps sent messages in a list: the in-memory fake for tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, idempotent: bool = False) -> None:
         self.sent: list[Message] = []
+        self.idempotent = idempotent  # pretend to dedupe (tests of the outbox's two paths)
 
     async def send(self, message: Message) -> str:
         self.sent.append(message)

@@ -28,3 +28,10 @@ def not_skippable(item: Item) -> str:
 def skip_note(reason: str) -> str:
     """The error a skipped item and its cancelled jobs carry."""
     return f"skipped: {reason.strip() or 'marked for re-upload'}"
+
+
+def purged(run_id: str) -> str:
+    return (
+        f"run {run_id} was purged (its rows' payloads and outputs were cleared after the "
+        "retention period): upload the batch again as a new run"
+    )

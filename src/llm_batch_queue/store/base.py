@@ -28,6 +28,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.retry import ModelBlock
+from llm_batch_queue.summary import RunSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,16 @@ class Release:
 Finish = Completion | Failure | Release
 
 
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """What one Store.purge_finished_runs call did."""
+
+    purged: list[str] = field(default_factory=list)  # run ids cleared now
+    # past the retention, kept because their final notification is not sent (pending, failed,
+    # in doubt): D-29's lesson, nothing of a run goes before the e-mail that reports it
+    waiting: list[str] = field(default_factory=list)
+
+
 class Store(Protocol):
     # runs and items ------------------------------------------------------------------------
     def create_run(
@@ -142,11 +153,26 @@ class Store(Protocol):
 
     def counts(self, run_id: str) -> RunCounts: ...
 
+    def run_summary(self, run_id: str) -> RunSummary:
+        """Counts per status, stage timings, fallbacks, failures, tokens per model and the
+        outbox's state, aggregated from the run's rows now (nothing is kept up to date on the
+        way). KeyError for an unknown run."""
+        ...
+
+    def purge_finished_runs(self, retention_s: float, now: float) -> Purge:
+        """Clear what a finished run kept of its input and results once it is `retention_s` old:
+        the items' payloads and stage outputs and the jobs' outputs (personal data, model
+        answers). Counts, statuses, errors, attempts and the outbox stay, so run_summary still
+        works. Only runs whose final notification (run_finished, this round) is SENT, when the
+        run asked for one. A purged run cannot be retried. One transaction."""
+        ...
+
     # admin actions -------------------------------------------------------------------------------
     def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
         """Run an item that needs re-upload again, from the stage that failed onward.
 
-        Only a NEEDS_REUPLOAD item (ValueError otherwise; KeyError for an unknown run or item).
+        Only a NEEDS_REUPLOAD item of a run not purged (ValueError otherwise; KeyError for an
+        unknown run or item).
         Its FAILED and CANCELLED jobs start over (attempt counters reset, attempt history kept);
         SUCCEEDED ones and their outputs are kept. The run-scope jobs go back to PENDING, so they
         run again once every item has settled; a finished run is reopened in a new round, whose
@@ -261,9 +287,17 @@ class Store(Protocol):
     def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]: ...
 
     def claim_notifications(
-        self, now: float, limit: int = 50, hold_s: float = 300.0
+        self, now: float, limit: int = 50, hold_s: float = 300.0, *, idempotent: bool = False
     ) -> list[Notification]:
-        """Take due rows for sending; other callers see them again only after `hold_s`."""
+        """Take due rows for sending, committed as SENDING and held for `hold_s` before this
+        returns: no other caller gets them while held. `hold_s` must outlast any one send.
+
+        A row still SENDING after its hold lost its sender between claim and mark (a crash, a
+        hang), and whether the message left is unknown. With `idempotent` (the caller's
+        transport dedupes on Notification.dedupe_key, as Resend does) it is handed out again;
+        otherwise it becomes IN_DOUBT and is never sent again unless resolve_notification says
+        so: a message may be lost to an admin's decision, but never sent twice.
+        """
         ...
 
     def mark_notification(
@@ -274,7 +308,24 @@ class Store(Protocol):
         now: float,
         error: str | None = None,
         retry_at: float | None = None,
-    ) -> None: ...
+        in_doubt: bool = False,
+        provider_id: str | None = None,
+    ) -> bool:
+        """Record a claimed row's send: SENT (with the transport's id); or, not sent, PENDING
+        again at `retry_at`, IN_DOUBT (`in_doubt`: it may have left) or else FAILED.
+
+        SENT applies whatever the row's state (news from the transport); the others only to a
+        row still SENDING, so a sender that outlived its hold changes nothing another sender or
+        claim decided meanwhile. False when nothing changed; KeyError for an unknown id.
+        """
+        ...
+
+    def resolve_notification(
+        self, notification_id: int, *, resend: bool, now: float
+    ) -> Notification:
+        """An admin's decision on an IN_DOUBT or FAILED row: send it (again) now, or record that
+        it was sent. ValueError for a row in any other state; KeyError for an unknown id."""
+        ...
 
     def notifications(self, run_id: str) -> list[Notification]: ...
 

@@ -24,6 +24,7 @@ from llm_batch_queue.jobs import (
     Lease,
     NewItem,
     Notification,
+    NotificationStatus,
     Outcome,
     Reservation,
     Run,
@@ -45,7 +46,13 @@ from llm_batch_queue.limits import (
 )
 from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
 from llm_batch_queue.store._memory_tables import ItemTable, JobTable
-from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
+from llm_batch_queue.store.admin import (
+    SKIPPABLE,
+    not_retryable,
+    not_skippable,
+    purged,
+    skip_note,
+)
 from llm_batch_queue.store.base import (
     Booking,
     Claim,
@@ -56,9 +63,12 @@ from llm_batch_queue.store.base import (
     ModelState,
     Plan,
     Postpone,
+    Purge,
     Used,
 )
-from llm_batch_queue.store.milestones import Milestones
+from llm_batch_queue.store.milestones import RUN_FINISHED, Milestones, final_key
+from llm_batch_queue.store.outbox import IN_DOUBT_ERROR, check_resolvable
+from llm_batch_queue.summary import RunSummary, group_attempts, summarize
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
 KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
@@ -193,6 +203,48 @@ class MemoryStore:
             counts.jobs_by_stage_status.update(self._jobs.tally.get(run_id, {}))
             return counts
 
+    def run_summary(self, run_id: str) -> RunSummary:
+        with self._lock:
+            notes: dict[str, int] = {}
+            for n in self.notifications(run_id):
+                notes[n.status.value] = notes.get(n.status.value, 0) + 1
+            return summarize(
+                self.get_run(run_id),
+                self._stages[run_id],
+                self.counts(run_id),
+                sum(i.failures for i in self.items(run_id)),
+                group_attempts(self.attempts(run_id)),
+                notes,
+            )
+
+    def purge_finished_runs(self, retention_s: float, now: float) -> Purge:
+        with self._lock:
+            result = Purge()
+            for run in sorted(self._runs.values(), key=lambda r: r.created_at):
+                if (
+                    run.status is RunStatus.RUNNING
+                    or run.finished_at is None
+                    or run.finished_at > now - retention_s
+                    or run.purged_at is not None
+                ):
+                    continue
+                if RUN_FINISHED in self._notify_kinds[run.id] and not any(
+                    n.run_id == run.id
+                    and n.kind == RUN_FINISHED
+                    and n.key == final_key(run.round)
+                    and n.status is NotificationStatus.SENT
+                    for n in self._outbox.values()
+                ):
+                    result.waiting.append(run.id)
+                    continue
+                for item in self.items(run.id):
+                    self._items[item.id] = replace(item, payload=None, outputs={})
+                for job in self.jobs(run.id):
+                    self._jobs[job.id] = replace(job, output=None)
+                self._runs[run.id] = replace(run, purged_at=now)
+                result.purged.append(run.id)
+            return result
+
     # admin actions -------------------------------------------------------------------------------
     def _find_item(self, run_id: str, item_key: str) -> Item:
         self.get_run(run_id)
@@ -207,6 +259,8 @@ class MemoryStore:
             if item.status is not ItemStatus.NEEDS_REUPLOAD:
                 raise ValueError(not_retryable(item))
             run = self._runs[run_id]
+            if run.purged_at is not None:
+                raise ValueError(purged(run_id))
             if run.status is not RunStatus.RUNNING:
                 self._runs[run_id] = replace(
                     run, status=RunStatus.RUNNING, finished_at=None, round=run.round + 1
@@ -690,24 +744,49 @@ class MemoryStore:
         ):
             return  # the unique (run, kind, key) rule of the SQL store
         nid = next(self._ids)
-        self._outbox[nid] = Notification(nid, run_id, kind, key, payload, "pending", 0, now)
+        self._outbox[nid] = Notification(
+            nid, run_id, kind, key, payload, NotificationStatus.PENDING, 0, now
+        )
 
     def pending_notifications(self, now: float, limit: int = 50) -> list[Notification]:
         with self._lock:
             due = [
                 n
                 for n in self._outbox.values()
-                if n.status == "pending" and n.next_attempt_at <= now
+                if n.status is NotificationStatus.PENDING and n.next_attempt_at <= now
             ]
             return sorted(due, key=lambda n: n.id)[:limit]
 
     def claim_notifications(
-        self, now: float, limit: int = 50, hold_s: float = 300.0
+        self, now: float, limit: int = 50, hold_s: float = 300.0, *, idempotent: bool = False
     ) -> list[Notification]:
         with self._lock:
-            claimed = self.pending_notifications(now, limit)
-            for n in claimed:
-                self._outbox[n.id] = replace(n, next_attempt_at=now + hold_s)
+            claimable = [NotificationStatus.PENDING]
+            for n in list(self._outbox.values()):
+                if n.status is NotificationStatus.SENDING and n.next_attempt_at <= now:
+                    if idempotent:
+                        continue  # taken again below: the resend carries the same key
+                    self._outbox[n.id] = replace(
+                        n,
+                        status=NotificationStatus.IN_DOUBT,
+                        attempts=n.attempts + 1,
+                        error=IN_DOUBT_ERROR,
+                    )
+            if idempotent:
+                claimable.append(NotificationStatus.SENDING)
+            due = sorted(
+                (
+                    n
+                    for n in self._outbox.values()
+                    if n.status in claimable and n.next_attempt_at <= now
+                ),
+                key=lambda n: n.id,
+            )[:limit]
+            claimed = []
+            for n in due:
+                n = replace(n, status=NotificationStatus.SENDING, next_attempt_at=now + hold_s)
+                self._outbox[n.id] = n
+                claimed.append(n)
             return claimed
 
     def mark_notification(
@@ -718,16 +797,54 @@ class MemoryStore:
         now: float,
         error: str | None = None,
         retry_at: float | None = None,
-    ) -> None:
+        in_doubt: bool = False,
+        provider_id: str | None = None,
+    ) -> bool:
         with self._lock:
             n = self._outbox[notification_id]
+            attempts = n.attempts + 1
             if sent:
-                n = replace(n, status="sent", sent_at=now, attempts=n.attempts + 1, error=None)
+                if n.status is NotificationStatus.SENT:
+                    return False
+                n = replace(
+                    n,
+                    status=NotificationStatus.SENT,
+                    sent_at=now,
+                    attempts=attempts,
+                    error=None,
+                    provider_id=provider_id,
+                )
+            elif n.status is not NotificationStatus.SENDING:
+                return False  # moved on while this sender was away (see the Protocol)
+            elif in_doubt:
+                n = replace(n, status=NotificationStatus.IN_DOUBT, attempts=attempts, error=error)
             elif retry_at is not None:
-                n = replace(n, attempts=n.attempts + 1, error=error, next_attempt_at=retry_at)
+                n = replace(
+                    n,
+                    status=NotificationStatus.PENDING,
+                    attempts=attempts,
+                    error=error,
+                    next_attempt_at=retry_at,
+                )
             else:
-                n = replace(n, status="failed", attempts=n.attempts + 1, error=error)
+                n = replace(n, status=NotificationStatus.FAILED, attempts=attempts, error=error)
             self._outbox[notification_id] = n
+            return True
+
+    def resolve_notification(
+        self, notification_id: int, *, resend: bool, now: float
+    ) -> Notification:
+        with self._lock:
+            n = self._outbox.get(notification_id)
+            if n is None:
+                raise KeyError(f"no notification {notification_id}")
+            check_resolvable(n)
+            if resend:
+                n = replace(n, status=NotificationStatus.PENDING, next_attempt_at=now)
+            else:
+                n = replace(n, status=NotificationStatus.SENT, sent_at=now, error=None)
+            self._outbox[notification_id] = n
+            return n
 
     def notifications(self, run_id: str) -> list[Notification]:
         with self._lock:

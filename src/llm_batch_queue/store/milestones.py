@@ -22,6 +22,15 @@ RUN_FINISHED = "run_finished"
 KINDS = frozenset({RUN_QUEUED, STAGE_COMPLETE, ITEM_FAILED, RUN_FINISHED})
 
 
+def in_round(key: str, round_: int) -> str:
+    return key if round_ <= 1 else f"{key}@{round_}"
+
+
+def final_key(round_: int) -> str:
+    """The run_finished row's key in a round: the run's final notification."""
+    return in_round("", round_)
+
+
 @dataclass(frozen=True, slots=True)
 class Milestones:
     run_id: str
@@ -30,7 +39,7 @@ class Milestones:
     round: int = 1
 
     def _in_round(self, key: str) -> str:
-        return key if self.round <= 1 else f"{key}@{self.round}"
+        return in_round(key, self.round)
 
     def _emit(self, kind: str, key: str, payload: JSON, now: float) -> None:
         if kind in self.kinds:

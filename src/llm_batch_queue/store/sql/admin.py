@@ -18,7 +18,13 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, or_, select, update
 
 from llm_batch_queue.jobs import Item, ItemStatus, JobStatus, RunStatus
-from llm_batch_queue.store.admin import SKIPPABLE, not_retryable, not_skippable, skip_note
+from llm_batch_queue.store.admin import (
+    SKIPPABLE,
+    not_retryable,
+    not_skippable,
+    purged,
+    skip_note,
+)
 from llm_batch_queue.store.sql import graph, wakeups
 from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf
 from llm_batch_queue.store.sql.locks import lock_run
@@ -42,9 +48,11 @@ def retry_item(conn: Connection, spec_of: SpecOf, run_id: str, item_key: str, no
     item = _item(conn, item_id)
     if item.status is not ItemStatus.NEEDS_REUPLOAD:
         raise ValueError(not_retryable(item))
-    status, round_ = conn.execute(
-        select(runs.c.status, runs.c.round).where(runs.c.id == run_id)
+    status, round_, purged_at = conn.execute(
+        select(runs.c.status, runs.c.round, runs.c.purged_at).where(runs.c.id == run_id)
     ).one()
+    if purged_at is not None:
+        raise ValueError(purged(run_id))
     if status != RunStatus.RUNNING.value:  # reopen: a new round of milestones
         conn.execute(
             update(runs)

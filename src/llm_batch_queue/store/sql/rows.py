@@ -16,6 +16,7 @@ from llm_batch_queue.jobs import (
     Job,
     JobStatus,
     Notification,
+    NotificationStatus,
     Run,
     RunStatus,
     Scope,
@@ -62,6 +63,7 @@ def to_run(row: Row[Any]) -> Run:
         m["created_at"],
         m["finished_at"],
         m["round"],
+        m["purged_at"],
     )
 
 
@@ -146,10 +148,11 @@ def to_notification(row: Row[Any]) -> Notification:
         kind=m["kind"],
         key=m["key"],
         payload=m["payload"],
-        status=m["status"],
+        status=NotificationStatus(m["status"]),
         attempts=m["attempts"],
         created_at=m["created_at"],
         sent_at=m["sent_at"],
         error=m["error"],
         next_attempt_at=m["next_attempt_at"],
+        provider_id=m["provider_id"],
     )

@@ -46,6 +46,7 @@ from llm_batch_queue.store.base import (
     Finish,
     ModelState,
     Plan,
+    Purge,
     Release,
     Used,
 )
@@ -56,7 +57,9 @@ from llm_batch_queue.store.sql import (
     ledger,
     outbox,
     outcomes,
+    retention,
     schema,
+    summary,
     wakeups,
 )
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
@@ -70,6 +73,7 @@ from llm_batch_queue.store.sql.rows import (
 )
 from llm_batch_queue.store.sql.tables import attempts, jobs, runs
 from llm_batch_queue.store.sql.tables import items as items_table
+from llm_batch_queue.summary import RunSummary
 from llm_batch_queue.transitions import initial_status
 
 ADMIN_TRIES = 40  # about 8 s of backing off while workers finish the jobs an admin action needs
@@ -221,6 +225,17 @@ class SQLStore:
         with self._tx() as conn:
             return graph.counts(conn, run_id)
 
+    def run_summary(self, run_id: str) -> RunSummary:
+        with self._tx() as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+            if row is None:
+                raise KeyError(f"no run {run_id!r}")
+            return summary.run_summary(conn, to_run(row), self._spec(conn, run_id))
+
+    def purge_finished_runs(self, retention_s: float, now: float) -> Purge:
+        with self._tx(write=True) as conn:
+            return retention.purge_finished(conn, retention_s, now)
+
     # admin actions -------------------------------------------------------------------------------
     def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
         return self._admin(lambda conn: admin.retry_item(conn, self._spec, run_id, item_key, now))
@@ -351,10 +366,10 @@ class SQLStore:
             return outbox.pending(conn, now, limit)
 
     def claim_notifications(
-        self, now: float, limit: int = 50, hold_s: float = 300.0
+        self, now: float, limit: int = 50, hold_s: float = 300.0, *, idempotent: bool = False
     ) -> list[Notification]:
         with self._tx(write=True) as conn:
-            return outbox.claim(conn, now, limit, hold_s)
+            return outbox.claim(conn, now, limit, hold_s, idempotent)
 
     def mark_notification(
         self,
@@ -364,9 +379,26 @@ class SQLStore:
         now: float,
         error: str | None = None,
         retry_at: float | None = None,
-    ) -> None:
+        in_doubt: bool = False,
+        provider_id: str | None = None,
+    ) -> bool:
         with self._tx(write=True) as conn:
-            outbox.mark(conn, notification_id, sent=sent, now=now, error=error, retry_at=retry_at)
+            return outbox.mark(
+                conn,
+                notification_id,
+                sent=sent,
+                now=now,
+                error=error,
+                retry_at=retry_at,
+                in_doubt=in_doubt,
+                provider_id=provider_id,
+            )
+
+    def resolve_notification(
+        self, notification_id: int, *, resend: bool, now: float
+    ) -> Notification:
+        with self._tx(write=True) as conn:
+            return outbox.resolve(conn, notification_id, resend=resend, now=now)
 
     def notifications(self, run_id: str) -> list[Notification]:
         with self._tx() as conn:

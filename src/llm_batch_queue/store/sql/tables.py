@@ -58,6 +58,7 @@ runs = Table(
     Column("finished_at", Time),
     # 1, then +1 each time an admin retry reopens the finished run (milestone keys carry it)
     Column("round", Integer, nullable=False),
+    Column("purged_at", Time),  # the retention purge cleared its payloads and outputs
 )
 
 items = Table(
@@ -182,7 +183,9 @@ outbox = Table(
     Column("created_at", Time, nullable=False),
     Column("sent_at", Time),
     Column("error", Text),
+    # pending: when due; sending: when the sender's hold ends (then the row is in doubt)
     Column("next_attempt_at", Time, nullable=False),
+    Column("provider_id", Text),
     UniqueConstraint("run_id", "kind", "key"),
     Index(None, "status", "next_attempt_at"),
 )
