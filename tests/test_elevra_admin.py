@@ -76,8 +76,9 @@ def test_retry_reruns_a_failed_batch_and_sends_a_new_workbook(
     assert first is not None and code == 1
     assert (first["status"], first["batches_need_reupload"]) == ("completed_with_failures", 1)
     run_id = first["run_id"]
-    code, _, err = cli(capsys, "status", run_id, "--out", str(out))
-    assert code == 0 and broken in err and "insert refused" in err
+    code = main(["status", run_id, "--out", str(out)])
+    listing = capsys.readouterr().out  # the listing is the answer: on stdout
+    assert code == 0 and broken in listing and "insert refused" in listing
 
     code, again, err = cli(capsys, "retry", run_id, broken, "--out", str(out), "--json")
     assert code == 0, err
@@ -154,3 +155,10 @@ def test_skip_then_dispatch_finishes_the_upload_and_retry_brings_the_batch_back(
     finals = [e for e in emails(tmp_path) if e["attachments"]]
     assert len(finals) == 2
     assert "needs re-upload" not in outcomes(finals[1]["attachments"][0])
+
+
+def test_status_of_an_empty_database_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--out", str(tmp_path / "typo")]) == 0
+    assert "no uploads in sqlite:///" in capsys.readouterr().out

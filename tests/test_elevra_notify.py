@@ -192,9 +192,10 @@ def test_emails_in_doubt_are_shown_resolved_by_an_admin_and_hold_back_the_cleanu
     code, _, err = cli(capsys, "dispatch", "--out", out, "--quiet")
     assert code == 0 and len(handler.received) == 5  # never sent a second time on its own
 
-    code, _, err = cli(capsys, "status", run_id, "--out", out)
+    main(["status", run_id, "--out", out])
+    listing = capsys.readouterr().out
     final = next(n for n in undelivered if n["kind"] == "run_finished")
-    assert f"e-mail {final['id']} in_doubt" in err and "--mark-sent" in err
+    assert f"e-mail {final['id']} in_doubt" in listing and "--mark-sent" in listing
 
     # D-29: nothing is cleared while the final e-mail is not known to have been sent
     code, result, err = cli(capsys, "cleanup", "--older-than", "0", "--out", out, "--json")

@@ -215,3 +215,27 @@ def test_a_bad_app_is_named_and_exits_2(
     code = cli_main(["dispatch", "--app", spec, "--db", sqlite_url])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_console_script_imports_the_app_from_the_working_directory(tmp_path: Path) -> None:
+    # a user's own package beside them, no PYTHONPATH: as with `python -m` or uvicorn
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "jobs.py").write_text((Path(__file__).parent / "_worker_app.py").read_text())
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["LBQ_TEST_EFFECTS"] = str(tmp_path / "effects.txt")
+    script = Path(sys.executable).parent / "llm-batch-queue"
+    store = open_store(db)
+    store.create_run(
+        pipeline=PIPELINE.name, name="r", stages=PIPELINE.specs,
+        items=[NewItem("a", 1)], meta={}, now=time.time(),
+    )  # fmt: skip
+    store.close()
+    done = subprocess.run(
+        [str(script), "dispatch", "--app", "mypkg.jobs:app", "--db", db],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "effects.txt").read_text() == "a\n"

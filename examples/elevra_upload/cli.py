@@ -197,11 +197,17 @@ def _run(app: ElevraApp, args: argparse.Namespace) -> int:
     log.say(_human(summary))
     if args.json:
         print(json.dumps(summary))
+    stuck = []  # e-mails that need an admin; pending or sending ones are on their way
     for note in summary["emails_undelivered"]:
-        log.say(f"  e-mail {note['kind']} not delivered ({note['status']}): {note['error']}")
+        if note["status"] in ("pending", "sending"):
+            log.say(f"  e-mail {note['kind']} is {note['status']} (a worker or the next dispatch)")
+        else:
+            stuck.append(note)
+            error = f": {note['error']}" if note["error"] else ""
+            log.say(f"  e-mail {note['kind']} not delivered ({note['status']}){error}")
     if summary["status"] != "completed":
         log.say(f"  the upload ended {summary['status']}: see `status {run.id}`")
-    return 0 if summary["status"] == "completed" and not summary["emails_undelivered"] else 1
+    return 0 if summary["status"] == "completed" and not stuck else 1
 
 
 def _dispatch(app: ElevraApp, args: argparse.Namespace) -> int:
@@ -321,35 +327,33 @@ def _refused(exc: KeyError | ValueError) -> int:
 def _status(app: ElevraApp, args: argparse.Namespace) -> int:
     runs = [app.store.get_run(args.run_id)] if args.run_id else app.store.list_runs()
     summaries = [app.summary(r.id) for r in runs]
+    # the listing is the answer: stdout, unless --json makes the JSON line the only one there
+    out = sys.stderr if args.json else sys.stdout
+    if not runs:
+        print(f"no uploads in {app.engine.url.render_as_string(hide_password=True)}", file=out)
     for s in summaries:
         print(
             f"{s['run_id']}  {s['status']:<24} {s['file']}: {s['batches_completed']}/"
             f"{s['batches']} batches, {s['batches_need_reupload']} need re-upload",
-            file=sys.stderr,
+            file=out,
         )
     if args.run_id:  # the batches an admin may retry or skip, by key
         for item in app.store.items(args.run_id):
             if item.status is not ItemStatus.COMPLETED:
                 error = f"  {item.error}" if item.error else ""
-                print(f"  {item.status.value:<15} {item.key}{error}", file=sys.stderr)
+                print(f"  {item.status.value:<15} {item.key}{error}", file=out)
     for s in summaries:  # e-mails an admin may have to act on, by id
         for note in s["emails_undelivered"]:
-            hint = (
-                "  -> `email ID --resend` or `--mark-sent`"
-                if note["status"]
-                in (
-                    "in_doubt",
-                    "failed",
-                )
-                else ""
-            )
+            acts = note["status"] in ("in_doubt", "failed")
+            hint = "  -> `email ID --resend` or `--mark-sent`" if acts else ""
+            error = f": {note['error']}" if note["error"] else ""
             print(
                 f"  e-mail {note['id']} {note['status']:<9} {note['kind']} {note['key']}"
-                f"{hint}: {note['error'] or ''}",
-                file=sys.stderr,
+                f"{hint}{error}",
+                file=out,
             )
         if s["purged_at"] is not None:
-            print(f"  {s['run_id']}: rows and model outputs cleaned up", file=sys.stderr)
+            print(f"  {s['run_id']}: rows and model outputs cleaned up", file=out)
     if args.json:
         print(json.dumps(summaries))
     return 0

@@ -95,6 +95,10 @@ def load_app(spec: str) -> AppFactory:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ConfigError(f"--app must look like pkg.module:factory, got {spec!r}")
+    # as `python -m` and uvicorn/celery do: the user's own package in the working directory
+    # must be importable without PYTHONPATH (a console script's sys.path lacks the cwd)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
