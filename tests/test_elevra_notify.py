@@ -78,6 +78,7 @@ def test_the_final_email_goes_through_a_real_smtp_server_with_the_workbook(
     final = handler.received[-1]
     assert final.mail_from == "uploads@elevra.test"
     assert final.rcpt_tos == ["admin@example.org", "team@example.org"]
+    assert (final.email["To"], final.email["Cc"]) == ("admin@example.org", "team@example.org")
     name, content = attachment(final.email)
     assert name == Path(summary["workbook"]).name
     assert content == Path(summary["workbook"]).read_bytes()

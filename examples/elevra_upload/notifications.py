@@ -69,17 +69,15 @@ class ElevraMail:
         elif note.kind == "run_finished":
             context["final"], attachments = await self._final(run.id, note.payload["status"])
         rendered = self.renderer.render(note.kind, context)
-        to = tuple(
-            dict.fromkeys(
-                a
-                for a in (str(run.meta.get("uploader_email", "")), self.config.team_email)
-                if "@" in a
-            )
-        )
+        uploader, team = str(run.meta.get("uploader_email", "")), self.config.team_email
+        to = tuple(a for a in (uploader,) if "@" in a) or tuple(a for a in (team,) if "@" in a)
+        # the team is copied (Cc) on the uploader's e-mails, or addressed when there is none
+        cc = tuple(a for a in (team,) if "@" in a and a not in to)
         if not to:  # failing keeps the row visible and reported instead of "sent" to nobody
             raise ValueError("no recipient: set ELEVRA_UPLOADER_EMAIL or ELEVRA_TEAM_EMAIL")
         return Message(
             to=to,
+            cc=cc,
             subject=rendered.subject,
             text=rendered.text,
             html=rendered.html,
