@@ -683,6 +683,36 @@ class StoreContract:
         assert by_key["@2"]["status"] == "completed"
         assert by_key[""]["status"] == "completed_with_failures"
 
+    def test_retry_from_an_earlier_stage_reruns_it_and_everything_after_it(
+        self, store: Store
+    ) -> None:
+        run = new_run(store)
+        drain(store, T0, fail=lambda c: c.job.stage == "structure" and item_key(c) == "a")
+        assert store.items(run.id)[0].status is ItemStatus.NEEDS_REUPLOAD
+        before = snapshot(store, run.id)
+        for stage, named in (("nope", "'nope'"), ("workbook", "'workbook'")):  # run-scope too
+            with pytest.raises(ValueError, match=f"no item stage {named}.*analyze, structure"):
+                store.retry_item(run.id, "a", T0 + 10, from_stage=stage)
+        assert snapshot(store, run.id) == before  # a refused retry changes nothing
+
+        item = store.retry_item(run.id, "a", T0 + 10, from_stage="analyze")
+        assert (item.status, item.outputs, item.error) == (ItemStatus.QUEUED, {}, None)
+        jobs = jobs_by(store, run.id)
+        assert (jobs[("analyze", "a")].status, jobs[("analyze", "a")].output) == (
+            JobStatus.READY,
+            None,
+        )
+        assert jobs[("structure", "a")].status is JobStatus.PENDING  # after analyze, again
+        assert jobs[("analyze", "b")].status is JobStatus.SUCCEEDED  # the other item: as it was
+        drain(store, T0 + 10)
+        assert [(a.stage, a.item_key) for a in store.attempts(run.id)][-4:] == [
+            ("analyze", "a"),
+            ("structure", "a"),
+            ("workbook", None),
+            ("notify", None),
+        ]
+        assert store.get_run(run.id).status is RunStatus.COMPLETED
+
     def test_retry_refuses_an_item_that_does_not_need_reupload(self, store: Store) -> None:
         run = new_run(store, keys=("q",))
         before = snapshot(store, run.id)

@@ -57,9 +57,11 @@ def table_counts(out: Path) -> list[int]:
         ]
 
 
-def test_retry_reruns_a_failed_batch_and_sends_a_new_workbook(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def upload_with_a_refused_insert(
+    out: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str, list[str]]:
+    """The sample uploaded while the database refuses the first batch's insert, once: the run
+    id, that batch's key and every batch key."""
     keys = [b.key for b in group_rows(read_rows(SAMPLE).rows, AppConfig().max_candidates_per_batch)]
     broken = keys[0]
     real_insert = pipeline.insert_batch
@@ -69,13 +71,19 @@ def test_retry_reruns_a_failed_batch_and_sends_a_new_workbook(
             raise InsertError("simulated: the database refused the batch")
         return real_insert(*args)
 
-    out = tmp_path / "upload"
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "insert_batch", insert_batch)
         code, first, _ = cli(capsys, "run", str(SAMPLE), "--out", str(out), "--json", "--quiet")
     assert first is not None and code == 1
     assert (first["status"], first["batches_need_reupload"]) == ("completed_with_failures", 1)
-    run_id = first["run_id"]
+    return str(first["run_id"]), broken, keys
+
+
+def test_retry_reruns_a_failed_batch_and_sends_a_new_workbook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "upload"
+    run_id, broken, keys = upload_with_a_refused_insert(out, capsys, monkeypatch)
     code = main(["status", run_id, "--out", str(out)])
     listing = capsys.readouterr().out  # the listing is the answer: on stdout
     assert code == 0 and broken in listing and "insert refused" in listing
@@ -155,6 +163,26 @@ def test_skip_then_dispatch_finishes_the_upload_and_retry_brings_the_batch_back(
     finals = [e for e in emails(tmp_path) if e["attachments"]]
     assert len(finals) == 2
     assert "needs re-upload" not in outcomes(finals[1]["attachments"][0])
+
+
+def test_retry_from_an_earlier_stage_runs_it_and_the_later_ones_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "upload"
+    run_id, broken, _ = upload_with_a_refused_insert(out, capsys, monkeypatch)
+    code, _, err = cli(capsys, "retry", run_id, broken, "--from", "strucure", "--out", str(out))
+    assert code == 2 and "no item stage 'strucure'" in err and "analyze, structure, insert" in err
+
+    code, again, err = cli(
+        capsys, "retry", run_id, broken, "--from", "structure", "--out", str(out), "--json"
+    )
+    assert code == 0, err
+    assert again is not None and again["status"] == "completed"
+    with sqlite3.connect(out / "elevra.db") as conn:
+        ran = conn.execute(
+            "select stage, count(*) from lbq_attempts where item_key = ? group by stage", (broken,)
+        ).fetchall()
+    assert dict(ran) == {"analyze": 1, "structure": 2, "insert": 2}
 
 
 def test_status_of_an_empty_database_says_so(

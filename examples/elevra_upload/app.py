@@ -79,11 +79,12 @@ class ElevraApp:
         )
         return run, ingest, len(batches)
 
-    def retry(self, run_id: str, batch_key: str) -> Item:
+    def retry(self, run_id: str, batch_key: str, from_stage: str | None = None) -> Item:
         """Queue a batch that needs re-upload again, from the stage that failed (the stages it
-        passed are kept). The upload gets a new workbook and final e-mail once it settles.
-        ValueError unless the batch needs re-upload; KeyError for an unknown upload or batch."""
-        return self.store.retry_item(run_id, batch_key, self.clock.now())
+        passed are kept), or from `from_stage` on. The upload gets a new workbook and final
+        e-mail once it settles. ValueError unless the batch needs re-upload or for an unknown
+        stage; KeyError for an unknown upload or batch."""
+        return self.store.retry_item(run_id, batch_key, self.clock.now(), from_stage)
 
     def skip(self, run_id: str, batch_key: str, reason: str) -> Item:
         """Give up on a queued or running batch: it is marked for re-upload with `reason`, and

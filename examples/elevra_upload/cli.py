@@ -71,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="only re-queue the batch (a running or later `dispatch` does the work)",
     )
+    retry.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help="also run this stage and every one after it again, e.g. `--from structure` when "
+        "insert failed on the structured output (stages: analyze, structure, insert)",
+    )
     skip.add_argument("--reason", required=True, help="why: shown in the e-mail and workbook")
     email = sub.add_parser(
         "email",
@@ -239,7 +246,7 @@ def _retry(app: ElevraApp, args: argparse.Namespace) -> int:
     log = _Progress(quiet=args.quiet)
     started = time.monotonic()
     try:
-        item = app.retry(args.run_id, args.batch_key)
+        item = app.retry(args.run_id, args.batch_key, args.from_stage)
     except (KeyError, ValueError) as exc:
         return _refused(exc)
     log.say(f"batch {item.key} re-queued (it failed {item.failures} time(s) so far)")

@@ -7,7 +7,9 @@ Here retry needs an item that needs re-upload, and skip one that is still queued
 
 from __future__ import annotations
 
-from llm_batch_queue.jobs import Item, ItemStatus
+from collections.abc import Mapping
+
+from llm_batch_queue.jobs import Item, ItemStatus, Scope, StageSpec
 
 SKIPPABLE = (ItemStatus.QUEUED, ItemStatus.RUNNING)
 
@@ -35,3 +37,21 @@ def purged(run_id: str) -> str:
         f"run {run_id} was purged (its rows' payloads and outputs were cleared after the "
         "retention period): upload the batch again as a new run"
     )
+
+
+def rerun_from(stages: Mapping[str, StageSpec], stage: str | None) -> set[str]:
+    """The item stages a retry `from stage` runs again: it and every stage after it, directly
+    or not (their outputs were made from its output). None: only the stages that failed."""
+    if stage is None:
+        return set()
+    spec = stages.get(stage)
+    if spec is None or spec.scope is not Scope.ITEM:
+        known = ", ".join(n for n, s in stages.items() if s.scope is Scope.ITEM)
+        raise ValueError(f"no item stage {stage!r} to retry from (the item stages: {known})")
+    again = {stage}
+    grew = True
+    while grew:
+        more = {n for n, s in stages.items() if s.scope is Scope.ITEM and again & set(s.after)}
+        grew = not more <= again
+        again |= more
+    return again

@@ -168,15 +168,20 @@ class Store(Protocol):
         ...
 
     # admin actions -------------------------------------------------------------------------------
-    def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
+    def retry_item(
+        self, run_id: str, item_key: str, now: float, from_stage: str | None = None
+    ) -> Item:
         """Run an item that needs re-upload again, from the stage that failed onward.
 
         Only a NEEDS_REUPLOAD item of a run not purged (ValueError otherwise; KeyError for an
         unknown run or item).
         Its FAILED and CANCELLED jobs start over (attempt counters reset, attempt history kept);
-        SUCCEEDED ones and their outputs are kept. The run-scope jobs go back to PENDING, so they
-        run again once every item has settled; a finished run is reopened in a new round, whose
-        stage_complete and run_finished milestones are written again.
+        SUCCEEDED ones and their outputs are kept, except that `from_stage` starts that stage and
+        every item stage after it over too, their outputs cleared (when a later stage failed on
+        an earlier one's output; ValueError for a stage the item does not have). The run-scope
+        jobs go back to PENDING, so they run again once every item has settled; a finished run
+        is reopened in a new round, whose stage_complete and run_finished milestones are written
+        again.
         """
         ...
 

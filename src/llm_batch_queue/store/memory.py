@@ -51,6 +51,7 @@ from llm_batch_queue.store.admin import (
     not_retryable,
     not_skippable,
     purged,
+    rerun_from,
     skip_note,
 )
 from llm_batch_queue.store.base import (
@@ -253,9 +254,12 @@ class MemoryStore:
                 return item
         raise KeyError(f"run {run_id} has no item {item_key!r}")
 
-    def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
+    def retry_item(
+        self, run_id: str, item_key: str, now: float, from_stage: str | None = None
+    ) -> Item:
         with self._lock:
             item = self._find_item(run_id, item_key)
+            again = rerun_from(self._stages[run_id], from_stage)
             if item.status is not ItemStatus.NEEDS_REUPLOAD:
                 raise ValueError(not_retryable(item))
             run = self._runs[run_id]
@@ -266,9 +270,9 @@ class MemoryStore:
                     run, status=RunStatus.RUNNING, finished_at=None, round=run.round + 1
                 )
             for job in self._jobs.of_run(run_id):
-                if job.item_id is None or (
-                    job.item_id == item.id and job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
-                ):
+                gave_up = job.status in (JobStatus.FAILED, JobStatus.CANCELLED)
+                mine = job.item_id == item.id and (gave_up or job.stage in again)
+                if job.item_id is None or mine:
                     self._leases.pop(job.id, None)  # a run-scope job in flight loses its lease
                     self._jobs[job.id] = replace(
                         job,
@@ -285,7 +289,10 @@ class MemoryStore:
             step = transitions.item_step(stages, {s: j.status for s, j in siblings.items()})
             self._apply(step, siblings, now)
             statuses = {s: self._jobs[j.id].status for s, j in siblings.items()}
-            item = replace(item, status=transitions.item_status(statuses), error=None)
+            kept = {stage: out for stage, out in item.outputs.items() if stage not in again}
+            item = replace(
+                item, status=transitions.item_status(statuses), error=None, outputs=kept
+            )
             self._items[item.id] = item
             return copy.deepcopy(item)
 

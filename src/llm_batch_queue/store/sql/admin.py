@@ -23,6 +23,7 @@ from llm_batch_queue.store.admin import (
     not_retryable,
     not_skippable,
     purged,
+    rerun_from,
     skip_note,
 )
 from llm_batch_queue.store.sql import graph, wakeups
@@ -40,9 +41,17 @@ class Busy(RuntimeError):
     """A job the action must change is being finished by its worker: roll back, try again."""
 
 
-def retry_item(conn: Connection, spec_of: SpecOf, run_id: str, item_key: str, now: float) -> Item:
+def retry_item(
+    conn: Connection,
+    spec_of: SpecOf,
+    run_id: str,
+    item_key: str,
+    now: float,
+    from_stage: str | None = None,
+) -> Item:
     item_id = _find(conn, run_id, item_key)
     spec = spec_of(conn, run_id)
+    again = rerun_from(spec.stages, from_stage)
     run_scope = (jobs.c.run_id == run_id) & jobs.c.item_id.is_(None)
     _lock(conn, run_id, or_(jobs.c.item_id == item_id, run_scope))
     item = _item(conn, item_id)
@@ -70,16 +79,20 @@ def retry_item(conn: Connection, spec_of: SpecOf, run_id: str, item_key: str, no
         "updated_at": now,
         **NO_LEASE,
     }
-    conn.execute(
-        update(jobs).where(jobs.c.item_id == item_id, jobs.c.status.in_(_GAVE_UP)).values(fresh)
-    )
+    restart: ColumnElement[bool] = jobs.c.status.in_(_GAVE_UP)
+    if again:
+        restart = or_(restart, jobs.c.stage.in_(sorted(again)))
+    conn.execute(update(jobs).where(jobs.c.item_id == item_id, restart).values(fresh))
     # the run stages run again once every item has settled; one in flight loses its lease
     conn.execute(update(jobs).where(run_scope).values(fresh))
     status_now = graph.restart_item(conn, item_id, spec, now)
     pipeline = conn.execute(select(runs.c.pipeline).where(runs.c.id == run_id)).scalar_one()
     wakeups.announce(conn, pipeline)
+    kept = {stage: out for stage, out in item.outputs.items() if stage not in again}
     conn.execute(
-        update(items).where(items.c.id == item_id).values(status=status_now.value, error=None)
+        update(items)
+        .where(items.c.id == item_id)
+        .values(status=status_now.value, error=None, outputs=kept)
     )
     return _item(conn, item_id)
 

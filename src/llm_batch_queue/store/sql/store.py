@@ -237,8 +237,12 @@ class SQLStore:
             return retention.purge_finished(conn, retention_s, now)
 
     # admin actions -------------------------------------------------------------------------------
-    def retry_item(self, run_id: str, item_key: str, now: float) -> Item:
-        return self._admin(lambda conn: admin.retry_item(conn, self._spec, run_id, item_key, now))
+    def retry_item(
+        self, run_id: str, item_key: str, now: float, from_stage: str | None = None
+    ) -> Item:
+        return self._admin(
+            lambda conn: admin.retry_item(conn, self._spec, run_id, item_key, now, from_stage)
+        )
 
     def skip_item(self, run_id: str, item_key: str, reason: str, now: float) -> Item:
         return self._admin(
