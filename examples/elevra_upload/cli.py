@@ -404,5 +404,5 @@ def _human(s: dict[str, Any]) -> str:
         f"{s['candidates']} candidates (the database holds {s['db_elections']} and "
         f"{s['db_candidates']}); {s['attempts']} model/stage attempts, "
         f"{s['fallbacks']} on a fallback model, {s['provider_429']} provider 429s; "
-        f"workbook {s['workbook']}; {s['emails']} e-mails logged"
+        f"workbook {s['workbook']}; {s['emails']} e-mails sent"
     )

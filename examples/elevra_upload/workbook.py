@@ -250,7 +250,7 @@ def _run_lines(line: _Line, facts: RunFacts) -> None:
         line(f"Batches {_BATCH_STATUS.get(status, status)}", n)
     line("Batch failures (each failure of a retried batch counted)", s.item_failures)
     line(f"Queued at ({facts.tz})", local(s.run.created_at))
-    line("Model and stage attempts", s.attempts)
+    line("Model and stage attempts (before this workbook was built)", s.attempts)
     line("Attempts that failed", s.failed_attempts)
     for kind, n in s.failures_by_kind.items():
         line(f"  failed: {kind.replace('_', ' ')}", n)
