@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import anyio
 import pytest
 
 from llm_batch_queue.adapters.base import ModelRequest, ModelResponse, Usage
@@ -15,7 +16,7 @@ from llm_batch_queue.adapters.scripted import ScriptedAdapter
 from llm_batch_queue.clock import FakeClock
 from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings
 from llm_batch_queue.estimator import TokenEstimator
-from llm_batch_queue.jobs import NewItem, RunStatus
+from llm_batch_queue.jobs import ItemStatus, NewItem, RunStatus
 from llm_batch_queue.limits import ModelLimits
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt
 from llm_batch_queue.store import MemoryStore
@@ -140,9 +141,9 @@ def test_the_headroom_follows_how_far_the_estimates_have_been_off() -> None:
     assert steady.estimate("other", prompt) == 105  # per model: nothing learnt about this one
 
 
-async def test_after_a_denial_the_dispatcher_claims_one_job_at_a_time() -> None:
-    # one request a minute, eight jobs claimed per batch: without a cap every freed slot would
-    # be met by eight claims, one admitted and seven denied and released again
+async def test_after_a_denial_a_claim_leaves_the_models_other_jobs_untouched() -> None:
+    # one request a minute, eight jobs claimed per batch: were every candidate booked, each
+    # freed slot would be met by one admission and seven denials
     clock = FakeClock()
     store = MemoryStore()
     pipeline = Pipeline("probe", (ModelStage("ask", ("m",), lambda c: Prompt(str(c.payload))),))
@@ -166,9 +167,8 @@ async def test_after_a_denial_the_dispatcher_claims_one_job_at_a_time() -> None:
     assert store.get_run(run.id).status is RunStatus.COMPLETED
     gaps = [b - a for a, b in zip(starts(store, run.id), starts(store, run.id)[1:], strict=False)]
     assert all(gap >= 60 for gap in gaps)
-    # the first batch (eight jobs) meets the limit unwarned: one admitted, seven denied; after
-    # that each freed slot costs the probe (admitted) and the two claimed after it (denied)
-    assert stats.deferred <= 7 + 11 * 2
+    # each claim admits what fits, is denied once (the head of the rest) and stops there
+    assert stats.deferred <= 11
 
 
 async def test_a_call_that_left_late_holds_its_slot_from_when_it_left() -> None:
@@ -181,3 +181,35 @@ async def test_a_call_that_left_late_holds_its_slot_from_when_it_left() -> None:
     assert store.get_run(run_id).status is RunStatus.COMPLETED
     begun = starts(store, run_id)
     assert [b - a for a, b in itertools.pairwise(begun)] == [62.5, 62.5]
+
+
+@pytest.mark.parametrize("chain", [("small", "big"), ("small",)])
+async def test_a_prompt_larger_than_a_whole_minute_falls_back_or_fails_and_the_rest_runs(
+    chain: tuple[str, ...],
+) -> None:
+    # "small" admits 100 tokens a minute; one prompt needs ~1,000: it must not hold up the
+    # queue (the claim that planned it once rolled back every time, and nothing ran at all)
+    clock = FakeClock()
+    store = MemoryStore()
+    pipeline = Pipeline("big", (ModelStage("ask", chain, lambda c: Prompt(str(c.payload))),))
+    payloads = ["x" * 4000] + [f"{i}" * 40 for i in range(5)]
+    run = store.create_run(
+        pipeline=pipeline.name,
+        name="r",
+        stages=pipeline.specs,
+        items=[NewItem(str(i), p) for i, p in enumerate(payloads)],
+        meta={},
+        now=clock.now(),
+    )
+    limits = {"small": ModelLimits(tpm=100, window_margin_s=0.0), "big": ModelLimits()}
+    dispatcher = Dispatcher(store, pipeline, ScriptedAdapter(), limits=limits, clock=clock)
+    with anyio.fail_after(30):
+        await dispatcher.run_until_idle()
+    items = {i.key: i for i in store.items(run.id)}
+    assert all(items[str(i)].status is ItemStatus.COMPLETED for i in range(1, 6))
+    models = {a.item_key: a.result.model for a in store.attempts(run.id) if a.result.model}
+    if len(chain) == 2:
+        assert items["0"].status is ItemStatus.COMPLETED and models["0"] == "big"
+    else:
+        assert items["0"].status is ItemStatus.NEEDS_REUPLOAD
+        assert "split the input" in (items["0"].error or "")

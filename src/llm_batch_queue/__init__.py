@@ -19,6 +19,7 @@ from llm_batch_queue.errors import (
     QuotaScope,
     RateLimited,
     RequestTooLarge,
+    TooLarge,
     TransientError,
 )
 from llm_batch_queue.jobs import ItemStatus, JobStatus, NewItem, RunStatus, Scope
@@ -63,6 +64,7 @@ __all__ = [
     "Store",
     "SystemClock",
     "TaskStage",
+    "TooLarge",
     "TransientError",
     "Usage",
     "limits_from_env",

@@ -32,9 +32,9 @@ from llm_batch_queue.errors import (
     CallError,
     ConfigError,
     ErrorKind,
-    PermanentError,
     RateLimited,
     RequestTooLarge,
+    TooLarge,
     TransientError,
 )
 from llm_batch_queue.estimator import TokenEstimator
@@ -501,10 +501,12 @@ class Dispatcher:
             request, text = self._request(stage, claimed, model, ())
         except Exception:
             return None  # the job's own run builds it again and records the failure
-        tokens = self._estimator.estimate(model, text)
+        tokens, limits = self._estimator.estimate(model, text), self._limits(model)
+        if limits.tpm is not None and tokens > limits.tpm:
+            return None  # can never be admitted: the job's own run fails it or falls back
         self._prepared[claimed.job.id] = _Prepared(idx, request, text)
         self._planned.append(claimed.job.id)
-        return Booking(model, self._limits(model), tokens)
+        return Booking(model, limits, tokens)
 
     def _denied(self, denied: Denied) -> None:
         self._prepared.pop(denied.job.id, None)
@@ -724,7 +726,7 @@ class Dispatcher:
                     self.store.reserve, model, self._limits(model), tokens, now
                 )
             except RequestTooLarge as exc:
-                too_big = PermanentError(str(exc))
+                too_big = TooLarge(str(exc))
                 await self._record_failure(claimed, lease_box[0], stage.models, too_big, now, model)
                 return None
             if isinstance(booking, Deny) and booking.reason == "rpd":

@@ -96,6 +96,11 @@ class PermanentError(CallError):
     kind = ErrorKind.PERMANENT
 
 
+class TooLarge(PermanentError):
+    """The request is larger than the model's limits could ever admit (RequestTooLarge): the
+    next model of the chain may take it; on the last one the job fails, naming the sizes."""
+
+
 class ModelNotFound(CallError):
     """404 for the model: skip to the next model in the chain."""
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from llm_batch_queue.errors import CallError, ConfigError, ErrorKind, QuotaScope, RateLimited
+from llm_batch_queue.errors import (
+    CallError,
+    ConfigError,
+    ErrorKind,
+    QuotaScope,
+    RateLimited,
+    TooLarge,
+)
 from llm_batch_queue.jobs import GiveUp, Job, Outcome, Retry
 from llm_batch_queue.limits import next_day_start
 
@@ -81,6 +88,9 @@ def decide(
         if has_next:
             return Decision(Retry(now, idx + 1, f"{model}: model not found", False), block)
         return Decision(GiveUp(f"no usable model: {error.message}"), block)
+
+    if isinstance(error, TooLarge) and has_next:  # no attempt burned: nothing was sent
+        return Decision(Retry(now, idx + 1, f"{model}: {error.message}", False))
 
     if error.kind is ErrorKind.PERMANENT:
         return Decision(GiveUp(f"permanent error: {error.message}"))
