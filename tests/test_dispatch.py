@@ -427,3 +427,26 @@ async def test_a_small_run_created_later_is_not_starved_by_a_big_one(
     assert sum(r == "big" for r, _ in finished[:last_small]) <= 14
     assert finished[-1][0] == "big"
     store.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+async def test_an_output_that_is_not_json_fails_its_job_at_once(where: str, tmp_path: Path) -> None:
+    # a SQL store refused it only at the commit, which the flusher took for an outage and
+    # retried for minutes; MemoryStore kept it. Either way: a clear failure, at once
+    from llm_batch_queue.store.sql import open_store
+
+    async def odd(ctx: StageContext) -> object:
+        return {"when": object()} if ctx.item and ctx.item.key == "bad" else {"ok": 1}
+
+    store: Store = MemoryStore() if where == "memory" else open_store(f"sqlite:///{tmp_path}/q.db")
+    pipeline = Pipeline("odd", (TaskStage("t", odd, max_attempts=1),))
+    run = store.create_run(
+        pipeline="odd", name="n", stages=pipeline.specs,
+        items=[NewItem("bad", 1), NewItem("good", 2)], meta={}, now=0.0,
+    )  # fmt: skip
+    with anyio.fail_after(20):
+        await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
+    items = {i.key: i for i in store.items(run.id)}
+    assert items["good"].status is ItemStatus.COMPLETED
+    assert items["bad"].status is ItemStatus.NEEDS_REUPLOAD
+    assert "cannot be stored as JSON" in (items["bad"].error or "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import random
 import socket
@@ -629,6 +630,12 @@ class Dispatcher:
                 exc if isinstance(exc, CallError) else HandlerError(f"{type(exc).__name__}: {exc}")
             )
             await self._record_failure(claimed, lease_box[0], (), error, started, None)
+            return
+        try:  # every store must be able to keep it (a SQL store would refuse it at the commit)
+            json.dumps(output, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            bad = HandlerError(f"the stage's output cannot be stored as JSON: {exc}")
+            await self._record_failure(claimed, lease_box[0], (), bad, started, None)
             return
         result = AttemptResult(started_at=started, finished_at=self.clock.now())
         if await self._finish(Completion(lease_box[0], result, output)):
