@@ -182,9 +182,21 @@ def test_parse_date(text: str, expected: date) -> None:
     assert parse_date(text) == expected
 
 
-@pytest.mark.parametrize("text", ["02/30/2024", "13/01/2025", "2025-02-29", "Nov 4 2025", "45000"])
-def test_parse_date_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("02/30/2024", "impossible"),
+        ("13/01/2025", "impossible"),
+        ("2025-02-29", "impossible"),
+        ("Nov 4 2025", "unrecognised"),
+        ("45000", "unrecognised"),
+        ("0025-11-04", "outside the years 1900-2200"),  # a typo, not 2025
+        ("9999-12-31", "outside the years 1900-2200"),
+        ("11/04/0025", "outside the years 1900-2200"),
+    ],
+)
+def test_parse_date_rejects(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         parse_date(text)
 
 

@@ -599,8 +599,13 @@ def parse_date(value: str | date) -> date:
     for pattern, order in _DATE_PATTERNS:
         match = pattern.match(text)
         if match:
-            parts = dict(zip(order, (int(g) for g in match.groups()), strict=True))
-            year = parts["y"] + 2000 if parts["y"] < 100 else parts["y"]
+            groups = dict(zip(order, match.groups(), strict=True))
+            parts = {k: int(g) for k, g in groups.items()}
+            # only a two-digit year is short for 20YY: "0025-11-04" is a typo, not 2025
+            year = parts["y"] + 2000 if len(groups["y"]) == 2 else parts["y"]
+            low, high = _INT_RANGES["year"]
+            if not low <= year <= high:
+                raise ValueError(f"date {value!r} is outside the years {low}-{high}")
             try:
                 return date(year, parts["m"], parts["d"])
             except ValueError:
