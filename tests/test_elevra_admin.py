@@ -19,6 +19,7 @@ from examples.elevra_upload.cli import main
 from examples.elevra_upload.config import AppConfig
 from examples.elevra_upload.ingest import read_rows
 from examples.elevra_upload.store import InsertError
+from llm_batch_queue.errors import ConfigError
 
 SAMPLE = Path(__file__).parents[1] / "examples" / "elevra_upload" / "samples" / "sample_nc.csv"
 
@@ -190,3 +191,22 @@ def test_status_of_an_empty_database_says_so(
 ) -> None:
     assert main(["status", "--out", str(tmp_path / "typo")]) == 0
     assert "no uploads in sqlite:///" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("value", "hidden"), [("no", False), ("0", False), ("true", True), ("", True)]
+)
+def test_elevra_hidden_reads_the_usual_yes_and_no(value: str, hidden: bool) -> None:
+    assert AppConfig.from_env({"ELEVRA_HIDDEN": value}).hidden is hidden
+
+
+def test_a_setting_that_is_neither_yes_nor_no_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ELEVRA_HIDDEN must be 1/true/yes/on or 0/false/no/off"):
+        AppConfig.from_env({"ELEVRA_HIDDEN": "sometimes"})
+
+
+def test_a_concurrency_of_zero_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["dispatch", "--out", str(tmp_path), "--concurrency", "0"])
+    assert code == 2 and "--concurrency must be at least 1" in capsys.readouterr().err

@@ -109,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             default=Path("elevra-out"),
             help="directory for the database, workbooks and e-mail log (default elevra-out)",
         )
-        p.add_argument("--db", help="database URL (default: sqlite:///OUT/elevra.db)")
+        p.add_argument(
+            "--db", help="database URL, or a SQLite file's path (default: OUT/elevra.db)"
+        )
         p.add_argument("--json", action="store_true", help="print JSON as the last line")
     for p in (run, dispatch, worker, retry):
         p.add_argument(
@@ -176,7 +178,7 @@ def _config(args: argparse.Namespace) -> AppConfig:
         config = replace(config, limits={**config.limits, **load_limits(args.limits)})
     if getattr(args, "uploader", None):
         config = replace(config, uploader_email=args.uploader)
-    if getattr(args, "concurrency", None):
+    if getattr(args, "concurrency", None) is not None:
         if args.concurrency < 1:
             raise ConfigError("--concurrency must be at least 1")
         config = replace(config, concurrency=args.concurrency)

@@ -129,7 +129,7 @@ class AppConfig:
             team_email=env.get("ELEVRA_TEAM_EMAIL", base.team_email),
             display_tz=env.get("ELEVRA_TIMEZONE", base.display_tz),
             app_url=env.get("ELEVRA_APP_URL", base.app_url),
-            hidden=env.get("ELEVRA_HIDDEN", "1") != "0",
+            hidden=_bool(env, "ELEVRA_HIDDEN", default=True),
             concurrency=_int(env, "ELEVRA_CONCURRENCY", base.concurrency),
             timeout_ms=_int(env, "GEMINI_TIMEOUT_MS", base.timeout_ms),
             lease_s=_int(env, "ELEVRA_LEASE_S", int(base.lease_s)),
@@ -192,6 +192,17 @@ def _models(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     if not models:
         raise ConfigError("a model list must name at least one model")
     return models
+
+
+def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {env[name]!r}")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

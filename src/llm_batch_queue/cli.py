@@ -35,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dispatch = sub.add_parser("dispatch", help="run what is due now, then exit (for cron)")
     migrate = sub.add_parser("migrate", help="bring the database schema to the newest revision")
     for p in (worker, dispatch, migrate):
-        p.add_argument("--db", default=os.environ.get("LBQ_DATABASE_URL"), help="database URL")
+        p.add_argument(
+            "--db",
+            default=os.environ.get("LBQ_DATABASE_URL"),
+            help="database URL, or a SQLite file's path",
+        )
     for p in (worker, dispatch):
         p.add_argument("--app", required=True, help="module:attribute of a WorkerApp factory")
         p.add_argument("--concurrency", type=int, help="jobs in flight at once")
