@@ -210,3 +210,37 @@ def test_a_concurrency_of_zero_is_refused(
 ) -> None:
     code = main(["dispatch", "--out", str(tmp_path), "--concurrency", "0"])
     assert code == 2 and "--concurrency must be at least 1" in capsys.readouterr().err
+
+
+def test_a_batch_skipped_as_its_insert_starts_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the admin's skip lands after the insert job was claimed, before its transaction: the
+    # insert is fenced by the job's lease, so the election tables agree with the workbook
+    out = tmp_path / "upload"
+    real = pipeline.ElevraStages.insert
+    skipped: list[str] = []
+
+    async def skipped_on_arrival(self: Any, ctx: Any) -> Any:
+        if not skipped:
+            skipped.append(ctx.item.key)
+            with open_app(AppConfig(), out, None, simulate=False) as admin:
+                admin.skip(ctx.run.id, ctx.item.key, "taken away mid-insert")
+        return await real(self, ctx)
+
+    monkeypatch.setattr(pipeline.ElevraStages, "insert", skipped_on_arrival)
+    with open_app(AppConfig(), out, None, simulate=True) as app:
+        run, _, _ = app.submit(SAMPLE)
+        app.dispatch(run_id=run.id)
+        summary = app.summary(run.id)
+    assert summary["batches_need_reupload"] == 1 and summary["status"] == "completed_with_failures"
+    # what the workbook reports inserted is exactly what the database holds
+    assert (summary["elections"], summary["candidates"]) == (
+        summary["db_elections"],
+        summary["db_candidates"],
+    )
+    with sqlite3.connect(out / "elevra.db") as conn:
+        (error,) = conn.execute(
+            "select error from lbq_items where key = ?", (skipped[0],)
+        ).fetchone()
+    assert error == "skipped: taken away mid-insert"

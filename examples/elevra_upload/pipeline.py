@@ -13,13 +13,14 @@ from examples.elevra_upload.config import AppConfig
 from examples.elevra_upload.outcomes import write_results_workbook
 from examples.elevra_upload.prompts import render_analyze, render_structure
 from examples.elevra_upload.schema import Analysis, StructuredOutput
-from examples.elevra_upload.store import InsertError, insert_batch
+from examples.elevra_upload.store import InsertError, InsertResult, insert_batch
 from examples.elevra_upload.workbook import RunFacts
 from llm_batch_queue.errors import PermanentError
 from llm_batch_queue.jobs import JSON, Scope
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
 from llm_batch_queue.store.base import Store
 from llm_batch_queue.store.milestones import KINDS
+from llm_batch_queue.store.sql import fence
 
 PIPELINE_NAME = "elevra_upload"
 SYSTEM = (
@@ -48,12 +49,16 @@ class ElevraStages:
         batch = Batch.from_payload(ctx.payload)
         structured = StructuredOutput.model_validate(ctx.output("structure"))
         uploaded_by = str(ctx.run.meta.get("uploader_email", self.config.uploader_email))
+        lease = ctx.lease
+
+        def insert() -> InsertResult:
+            with self.engine.begin() as conn:
+                if lease is not None:  # a worker that lost the job writes nothing (D-10)
+                    fence(conn, lease)
+                return insert_batch(conn, structured, batch, uploaded_by, self.config.hidden)
+
         try:
-            result = await anyio.to_thread.run_sync(
-                lambda: insert_batch(
-                    self.engine, structured, batch, uploaded_by, self.config.hidden
-                )
-            )
+            result = await anyio.to_thread.run_sync(insert)
         except InsertError as exc:
             # the same structured output would fail the same way: re-upload, don't retry
             raise PermanentError(f"insert refused the structured output: {exc}") from None

@@ -927,6 +927,7 @@ def _context(claimed: ClaimedJob, stage: str, model: str | None, items: Any) -> 
         attempt=claimed.job.attempts + 1,
         model=model,
         items=items,
+        lease=claimed.lease,
     )
 
 

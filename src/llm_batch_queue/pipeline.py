@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from llm_batch_queue.adapters.base import JSONSchema, ModelResponse
 from llm_batch_queue.errors import ConfigError, InvalidOutput
-from llm_batch_queue.jobs import JSON, Item, Run, Scope, StageSpec
+from llm_batch_queue.jobs import JSON, Item, Lease, Run, Scope, StageSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,9 @@ class StageContext:
     attempt: int
     model: str | None = None
     items: Sequence[Item] = ()  # every item of the run, for run-scope stages only
+    # the job's lease: store.sql.fence(conn, ctx.lease) makes an effect written in the queue's
+    # database commit only while this worker still owns the job
+    lease: Lease | None = None
 
     @property
     def payload(self) -> JSON:
