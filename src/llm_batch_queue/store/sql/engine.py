@@ -10,6 +10,7 @@ when the connection carries the `lbq_write` execution option.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,27 @@ def _prepare(dbapi_connection: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     cursor.execute("PRAGMA foreign_keys = ON")
-    cursor.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+    _wal(cursor)  # readers never block the writer
     cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough under WAL
     cursor.close()
+
+
+def _wal(cursor: sqlite3.Cursor) -> None:
+    """Switch to WAL, waiting for other connections as the busy timeout would: the switch needs
+    the file to itself and SQLite answers "database is locked" at once rather than waiting (a
+    fresh file opened by several processes or threads at the same moment). The mode persists,
+    so on an existing WAL file this is a no-op."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _on_begin(conn: Connection) -> None:
