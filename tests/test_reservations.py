@@ -213,3 +213,15 @@ async def test_a_prompt_larger_than_a_whole_minute_falls_back_or_fails_and_the_r
     else:
         assert items["0"].status is ItemStatus.NEEDS_REUPLOAD
         assert "split the input" in (items["0"].error or "")
+
+
+async def test_a_reply_without_usage_keeps_its_reservation() -> None:
+    # 250 tokens a minute, ~105 reserved per call: two a minute. A reply that reports no input
+    # tokens (usage_metadata missing) must not refund the booking, or all four would go at once
+    blind = ModelResponse("ok", Usage(), "m")
+    adapter = ScriptedAdapter({"m": [blind] * 4})
+    store, dispatcher, run_id, _clock = setup(4, adapter, 250, DispatcherSettings())
+    await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    begun = starts(store, run_id)
+    assert begun[2] - begun[0] >= 60 and begun[3] - begun[1] >= 60

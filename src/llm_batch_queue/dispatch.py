@@ -811,9 +811,12 @@ class Dispatcher:
             thinking_tokens=usage.thinking_tokens,
             status_code=response.status_code,
         )
-        used = Used(booking, usage.input_tokens, _sent_at(started, response.send_delay_s))
+        # a reply that counts no input tokens (usage missing) keeps its reservation: refunding
+        # it all would let the window take more than the provider will count
+        charged = usage.input_tokens if usage.input_tokens > 0 else booking.tokens
+        used = Used(booking, charged, _sent_at(started, response.send_delay_s))
         held = await self._finish(Completion(lease, result, output, used))
-        if usage.input_tokens < booking.tokens:
+        if charged < booking.tokens:
             self._refunded(booking.model)
         if not held:
             return
