@@ -155,6 +155,8 @@ def worker(store_url: str, simulator_url: str, config: Config) -> None:
         finally:
             await adapter.aclose()
             store.close()
+            if log_file is not None:
+                log_file.close()
         return asdict(stats)
 
     print(json.dumps(anyio.run(work)), flush=True)

@@ -135,7 +135,8 @@ def claim_work(
 
 
 class _Skip:
-    """Left for a later claim: its fallback model's lock is held elsewhere."""
+    """Left as it was, for a later claim: its fallback model's lock is held elsewhere, or its
+    model was already denied in this claim with no room left (MemoryStore's _Left)."""
 
 
 def _book(
