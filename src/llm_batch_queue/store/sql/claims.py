@@ -21,7 +21,6 @@ from sqlalchemy import (
     Connection,
     Row,
     and_,
-    bindparam,
     func,
     or_,
     select,
@@ -41,9 +40,9 @@ from llm_batch_queue.jobs import (
 from llm_batch_queue.limits import Admission, Deny
 from llm_batch_queue.store.base import Booking, Claim, Denied, ModelState, Plan, Postpone
 from llm_batch_queue.store.memory import LOOKAHEAD
-from llm_batch_queue.store.sql import graph, ledger
+from llm_batch_queue.store.sql import bulk, graph, ledger
 from llm_batch_queue.store.sql.locks import lock_run
-from llm_batch_queue.store.sql.rows import attempt_values, to_item, to_job, to_run
+from llm_batch_queue.store.sql.rows import JOB_COLUMNS, attempt_values, to_item, to_job, to_run
 from llm_batch_queue.store.sql.tables import attempts, items, jobs, runs
 
 EXPIRED_MESSAGE = "lease expired: the worker died or stalled"  # as MemoryStore writes it
@@ -174,12 +173,17 @@ def _candidates_in_context(
     """The jobs as they would be handed out: leased, with their run and item (two reads)."""
     item_ids = [job.item_id for job, _ in found if job.item_id is not None]
     item_rows = (
-        conn.execute(select(items).where(items.c.id.in_(item_ids))).all() if item_ids else []
+        conn.execute(select(items).where(bulk.among(conn, items.c.id, item_ids))).all()
+        if item_ids
+        else []
     )
     by_item = {row.id: to_item(row) for row in item_rows}
     run_ids = list({job.run_id for job, _ in found})
     by_run = (
-        {row.id: to_run(row) for row in conn.execute(select(runs).where(runs.c.id.in_(run_ids)))}
+        {
+            row.id: to_run(row)
+            for row in conn.execute(select(runs).where(bulk.among(conn, runs.c.id, run_ids)))
+        }
         if run_ids
         else {}
     )
@@ -227,34 +231,32 @@ def _unclaimed(
 def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now: float) -> None:
     if not claimed:
         return
-    conn.execute(
-        update(jobs)
-        .where(jobs.c.id == bindparam("b_id"))
-        .values(
-            status=JobStatus.RUNNING.value,
-            attempts=bindparam("b_attempts"),
-            last_error=bindparam("b_error"),
-            lease_token=bindparam("b_token"),
-            lease_expires_at=bindparam("b_expires"),
-            leased_by=worker,
-            updated_at=now,
-        ),
-        [
-            {
-                "b_id": c.job.id,
-                "b_attempts": c.job.attempts,
-                "b_error": c.job.last_error,
-                "b_token": c.lease.token,
-                "b_expires": c.lease.expires_at,
-            }
-            for c in claimed
-        ],
-    )
+    leases = [
+        {
+            "id": c.job.id,
+            "attempts": c.job.attempts,
+            "last_error": c.job.last_error,
+            "lease_token": c.lease.token,
+            "lease_expires_at": c.lease.expires_at,
+        }
+        for c in claimed
+    ]
+    running = {"status": JobStatus.RUNNING.value, "leased_by": worker, "updated_at": now}
+    bulk.update_rows(conn, jobs, leases, constants=running)
     item_ids = [c.job.item_id for c in claimed if c.job.item_id is not None]
     if item_ids:
+        # SKIP LOCKED: this transaction holds model locks, which a finish holding an item row
+        # may be waiting for; such an item is being settled, so it is no longer queued anyway
+        queued = (
+            select(items.c.id)
+            .where(
+                bulk.among(conn, items.c.id, item_ids), items.c.status == ItemStatus.QUEUED.value
+            )
+            .with_for_update(skip_locked=True)
+        )
         conn.execute(
             update(items)
-            .where(items.c.id.in_(item_ids), items.c.status == ItemStatus.QUEUED.value)
+            .where(items.c.id.in_(queued.scalar_subquery()))
             .values(status=ItemStatus.RUNNING.value)
         )
 
@@ -277,7 +279,7 @@ def _candidate_rows(
         (JobStatus.RUNNING, jobs.c.lease_expires_at),
     ):
         query = (
-            select(jobs)
+            select(*JOB_COLUMNS, jobs.c.lease_expires_at)
             .where(jobs.c.status == status.value, due <= now)
             .order_by(*order)
             .limit(n)
@@ -288,7 +290,7 @@ def _candidate_rows(
         if pipeline is not None:
             query = query.where(jobs.c.pipeline == pipeline)
         if seen:
-            query = query.where(jobs.c.id.not_in(list(seen)))
+            query = query.where(bulk.not_among(conn, jobs.c.id, seen))
         found += conn.execute(query).all()
     found.sort(key=lambda r: (-r.priority, r.fair_key, r.next_run_at, r.id))
     return found[:n]  # the rest stay as they were (locked until this transaction ends)
@@ -377,7 +379,7 @@ def record(conn: Connection, job: Job, result: AttemptResult) -> None:
 def take(conn: Connection, lease: Lease) -> Job:
     """Lock the job if the caller still holds its lease; otherwise LeaseLost, nothing changed."""
     row = conn.execute(
-        select(jobs)
+        select(*JOB_COLUMNS)
         .where(
             jobs.c.id == lease.job_id,
             jobs.c.status == JobStatus.RUNNING.value,
@@ -422,7 +424,7 @@ def heartbeat_all(
         for job_id, token in conn.execute(
             select(jobs.c.id, jobs.c.lease_token)
             .where(
-                jobs.c.id.in_(sorted({lease.job_id for lease in leases})),
+                bulk.among(conn, jobs.c.id, sorted({lease.job_id for lease in leases})),
                 jobs.c.status == JobStatus.RUNNING.value,
             )
             .order_by(jobs.c.id)
@@ -437,7 +439,7 @@ def heartbeat_all(
     if ids:
         conn.execute(
             update(jobs)
-            .where(jobs.c.id.in_(ids))
+            .where(bulk.among(conn, jobs.c.id, ids))
             .values(lease_expires_at=now + lease_s, updated_at=now)
         )
     return renewed

@@ -82,6 +82,14 @@ def after_settle(
     return settle(conn, lambda _conn, _run: spec, {run_id: touched}, now)
 
 
+def item_keys(conn: Connection, item_ids: Collection[str]) -> dict[str, str]:
+    """The items' keys (which never change, so no lock is needed), by id."""
+    if not item_ids:
+        return {}
+    query = select(items.c.id, items.c.key).where(bulk.among(conn, items.c.id, sorted(item_ids)))
+    return {item_id: key for item_id, key in conn.execute(query)}
+
+
 def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
     """The items' state without their payloads (which settlement never reads), by id."""
     if not item_ids:
@@ -89,7 +97,7 @@ def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
     c = items.c
     rows = conn.execute(
         select(c.id, c.run_id, c.key, c.status, c.outputs, c.error, c.failures).where(
-            c.id.in_(sorted(item_ids))
+            bulk.among(conn, c.id, sorted(item_ids))
         )
     )
     return {
@@ -173,14 +181,14 @@ def _load_items(
     """Per item: stage -> (job id, status), in creation order; open jobs locked first."""
     conn.execute(
         select(jobs.c.id)
-        .where(jobs.c.item_id.in_(item_ids), jobs.c.status.in_(_OPEN))
+        .where(bulk.among(conn, jobs.c.item_id, item_ids), jobs.c.status.in_(_OPEN))
         .order_by(jobs.c.id)
         .with_for_update()
     ).all()
     found: dict[str, dict[str, tuple[str, JobStatus]]] = {i: {} for i in item_ids}
     for item_id, stage, job_id, status in conn.execute(
         select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
-        .where(jobs.c.item_id.in_(item_ids))
+        .where(bulk.among(conn, jobs.c.item_id, item_ids))
         .order_by(jobs.c.position)
     ):
         found[item_id][stage] = (job_id, JobStatus(status))
@@ -192,7 +200,7 @@ def _mark(conn: Connection, ids: list[str], status: JobStatus, now: float) -> se
         values: dict[str, object] = {"status": status.value, "updated_at": now}
         if status is JobStatus.READY:
             values["next_run_at"] = now
-        conn.execute(update(jobs).where(jobs.c.id.in_(ids)).values(values))
+        conn.execute(update(jobs).where(bulk.among(conn, jobs.c.id, ids)).values(values))
     return set(ids)
 
 

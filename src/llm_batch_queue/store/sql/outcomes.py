@@ -6,9 +6,10 @@ attempts, the jobs' new states, the items' outputs, the dependents released, the
 settlement, the outbox rows and the rate ledger's reconciliation all commit together (D-8,
 D-11), in a fixed number of statements however large the batch.
 
-Lock order, everywhere: the job rows (by id), then the model locks (ledger.py), then the run
-rows (locks.lock_run, by id), then the open jobs and the items. Claims never wait for a run
-lock, so this order cannot deadlock with them.
+Lock order, everywhere: the job rows (by id), then the run rows (locks.lock_run, by id), then
+the open jobs and the items, then the model locks (ledger.py, by name), then the model_state
+rows. A claim holds model locks while it writes, so it never waits for a run lock, an item row
+or an open job that a finish may hold (it skips them); this order cannot deadlock with it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from llm_batch_queue.store.base import Completion, Failure, Finish, Release
 from llm_batch_queue.store.sql import bulk, graph, ledger, wakeups
 from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf
 from llm_batch_queue.store.sql.locks import lock_run
-from llm_batch_queue.store.sql.rows import attempt_values, to_job
+from llm_batch_queue.store.sql.rows import JOB_COLUMNS, attempt_values, to_job
 from llm_batch_queue.store.sql.tables import attempts, jobs
 
 
 def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: float) -> list[bool]:
     rows = conn.execute(
-        select(jobs)
-        .where(jobs.c.id.in_(sorted({f.lease.job_id for f in batch})))
+        select(*JOB_COLUMNS, jobs.c.lease_token, jobs.c.pipeline)
+        .where(bulk.among(conn, jobs.c.id, sorted({f.lease.job_id for f in batch})))
         .order_by(jobs.c.id)
         .with_for_update()
     ).all()
@@ -45,37 +46,44 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
         held.append(ok)
         if ok:
             taken.append((f, to_job(leased.pop(f.lease.job_id))))  # once, even if listed twice
-    ledger.reconcile(conn, [f.used for f, _ in taken if f.used is not None])
-    for f in batch:
-        if isinstance(f, Failure) and f.block is not None:
-            ledger.block(conn, f.block.model, f.block.until, f.block.reason)
     if taken:
-        settled = [(f, job) for f, job in taken if _settles(f)]
-        for run_id in sorted({job.run_id for _, job in settled}):
-            # every writer of an item holds its run's lock: what is read next stays true
-            lock_run(conn, run_id)
-        states = graph.item_states(conn, {j.item_id for _, j in taken if j.item_id is not None})
-        _record(conn, taken, states)
+        # the job's own rows first (locked above): the attempts and the jobs' new states need
+        # no run lock, so finishes in other processes wait for each other only to settle
+        keys = graph.item_keys(conn, {j.item_id for _, j in taken if j.item_id is not None})
+        _record(conn, taken, keys)
         after = [_values(f, job, now) for f, job in taken]
         bulk.update_rows(conn, jobs, after, constants=NO_LEASE)
-        released = _settle(conn, spec_of, settled, states, now) if settled else set()
+        settled = [(f, job) for f, job in taken if _settles(f)]
+        released: set[str] = set()
+        if settled:
+            for run_id in sorted({job.run_id for _, job in settled}):
+                # every writer of an item holds its run's lock: what is read next stays true
+                lock_run(conn, run_id)
+            states = graph.item_states(conn, {j.item_id for _, j in settled if j.item_id})
+            released = _settle(conn, spec_of, settled, states, now)
         # other workers may take what is claimable now: dependents, jobs handed back unrun
         handed_back = any(isinstance(f, Release) and f.at <= now for f, _ in taken)
         if released or handed_back:
             for pipeline in sorted({row.pipeline for row in rows}):
                 wakeups.announce(conn, pipeline)
+    # last, so the model locks (which every claim of the model waits for) are held only from
+    # here to the commit
+    ledger.reconcile(conn, [f.used for f, _ in taken if f.used is not None])
+    for f in batch:
+        if isinstance(f, Failure) and f.block is not None:
+            ledger.block(conn, f.block.model, f.block.until, f.block.reason)
     return held
 
 
-def _record(conn: Connection, taken: list[tuple[Finish, Job]], states: Mapping[str, Item]) -> None:
+def _record(conn: Connection, taken: list[tuple[Finish, Job]], keys: Mapping[str, str]) -> None:
     """An attempt per completion and failure (a release ran nothing)."""
     ran = [
-        attempt_values(job.id, job.stage, _key(states, job), f.result)
+        attempt_values(job.id, job.stage, keys.get(job.item_id or ""), f.result)
         for f, job in taken
         if not isinstance(f, Release)
     ]
     if ran:
-        conn.execute(attempts.insert(), ran)
+        bulk.insert_rows(conn, attempts, ran)
 
 
 def _values(f: Finish, job: Job, now: float) -> dict[str, Any]:
@@ -113,10 +121,6 @@ def _model_failures(job: Job, retry: Retry, counted: bool) -> int:
     if retry.model_index != job.model_index:
         return 0
     return job.model_failures + 1 if counted else job.model_failures
-
-
-def _key(states: Mapping[str, Item], job: Job) -> str | None:
-    return states[job.item_id].key if job.item_id is not None else None
 
 
 def _settles(f: Finish) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import Column, Row
 
 from llm_batch_queue.jobs import (
     JSON,
@@ -22,6 +22,7 @@ from llm_batch_queue.jobs import (
     Scope,
     StageSpec,
 )
+from llm_batch_queue.store.sql.tables import jobs
 
 
 def stages_to_json(stages: Mapping[str, StageSpec]) -> JSON:
@@ -79,6 +80,17 @@ def to_item(row: Row[Any]) -> Item:
         m["error"],
         m["failures"],
     )
+
+
+# what to_job reads: hot paths select these rather than the whole row (a job row has 24
+# columns, and each costs the driver and SQLAlchemy work on every row fetched)
+JOB_COLUMNS: tuple[Column[Any], ...] = tuple(
+    jobs.c[name]
+    for name in (
+        "id", "run_id", "item_id", "stage", "status", "priority", "attempts", "max_attempts",
+        "next_run_at", "model_index", "last_error", "model_failures", "output", "fair_key",
+    )
+)  # fmt: skip
 
 
 def to_job(row: Row[Any]) -> Job:

@@ -105,20 +105,33 @@ jobs = Table(
     Column("created_at", Time, nullable=False),
     Column("updated_at", Time, nullable=False),
     UniqueConstraint("run_id", "scope_key", "stage"),
-    Index(None, "status", "next_run_at"),
     Index(None, "run_id", "stage", "status"),
     Index(None, "item_id"),
 )
 
+# Partial indexes over the few jobs each query looks for: a claim or a finish changes a job's
+# status, so every index on the table gets a new entry for it, except partial ones whose
+# condition the new row does not meet (a job moving to running or done adds none here).
+_READY = text("status = 'ready'")
+_RUNNING = text("status = 'running'")
 # the claim order (claims._candidate_rows): an index scan that stops after the batch, instead of
 # sorting every ready job of the queue on each claim
 Index(
     "ix_lbq_jobs_claim_order",
-    jobs.c.status,
     jobs.c.priority.desc(),
     jobs.c.fair_key,
     jobs.c.next_run_at,
     jobs.c.id,
+    postgresql_where=_READY,
+    sqlite_where=_READY,
+)
+# the next due job and the expired leases (claims.next_due, claims._candidate_rows)
+Index("ix_lbq_jobs_ready_due", jobs.c.next_run_at, postgresql_where=_READY, sqlite_where=_READY)
+Index(
+    "ix_lbq_jobs_lease_expiry",
+    jobs.c.lease_expires_at,
+    postgresql_where=_RUNNING,
+    sqlite_where=_RUNNING,
 )
 
 attempts = Table(
