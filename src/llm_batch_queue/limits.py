@@ -204,8 +204,10 @@ class Quota:
         return self.head is not None and self._room[0] >= 1 and self._room[1] >= 1
 
     def book(self, tokens: int) -> Verdict:
-        verdict = Admit() if self._fits(tokens) else self._admit(
-            self.limits, self._usage(), tokens, self.now
+        verdict = (
+            Admit()
+            if self._fits(tokens)
+            else self._admit(self.limits, self._usage(), tokens, self.now)
         )
         if self.head is not None and isinstance(verdict, Admit):
             requests, room = self._room

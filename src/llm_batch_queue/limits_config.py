@@ -73,9 +73,7 @@ def _load(source: str | os.PathLike[str], var: str | None) -> dict[str, ModelLim
     return _build(data, origin)
 
 
-def read_document(
-    source: str | os.PathLike[str], var: str | None, what: str
-) -> tuple[Any, str]:
+def read_document(source: str | os.PathLike[str], var: str | None, what: str) -> tuple[Any, str]:
     """JSON text (starting with `{` or `[`), or a .toml or JSON file, parsed; and where it came
     from, for error messages. Shared with the other settings documents (prices.py)."""
     if isinstance(source, str) and source.lstrip().startswith(("{", "[")):

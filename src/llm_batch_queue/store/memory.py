@@ -73,6 +73,8 @@ from llm_batch_queue.summary import RunSummary, group_attempts, summarize
 
 IN_FLIGHT_TTL_S = 900.0  # a reservation never reconciled (crashed worker) stops counting after this
 KEEP_DAYS_S = 2 * 86400.0  # day counters older than this never matter again
+
+
 class _Left:
     """A claim's verdict for a job it leaves as it was (its model has no room left)."""
 
@@ -290,9 +292,7 @@ class MemoryStore:
             self._apply(step, siblings, now)
             statuses = {s: self._jobs[j.id].status for s, j in siblings.items()}
             kept = {stage: out for stage, out in item.outputs.items() if stage not in again}
-            item = replace(
-                item, status=transitions.item_status(statuses), error=None, outputs=kept
-            )
+            item = replace(item, status=transitions.item_status(statuses), error=None, outputs=kept)
             self._items[item.id] = item
             return copy.deepcopy(item)
 
@@ -640,9 +640,7 @@ class MemoryStore:
             for (stage, st), n in counts.jobs_by_stage_status.items()
             if self._stages[run_id][stage].scope is Scope.ITEM and not JobStatus(st).settled
         )
-        run_jobs = {
-            j.stage: j for j in self._jobs.of_run(run_id) if j.item_id is None
-        }
+        run_jobs = {j.stage: j for j in self._jobs.of_run(run_id) if j.item_id is None}
         step = transitions.run_step(
             self._stages[run_id], {s: j.status for s, j in run_jobs.items()}, unsettled == 0
         )

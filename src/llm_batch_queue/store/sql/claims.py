@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Row,
     and_,
     func,
     or_,
@@ -42,7 +41,14 @@ from llm_batch_queue.store.base import Booking, Claim, Denied, ModelState, Plan,
 from llm_batch_queue.store.memory import LOOKAHEAD
 from llm_batch_queue.store.sql import bulk, graph, ledger
 from llm_batch_queue.store.sql.locks import lock_run
-from llm_batch_queue.store.sql.rows import JOB_COLUMNS, attempt_values, to_item, to_job, to_run
+from llm_batch_queue.store.sql.rows import (
+    JOB_COLUMNS,
+    AnyRow,
+    attempt_values,
+    to_item,
+    to_job,
+    to_run,
+)
 from llm_batch_queue.store.sql.tables import attempts, items, jobs, runs
 
 EXPIRED_MESSAGE = "lease expired: the worker died or stalled"  # as MemoryStore writes it
@@ -268,12 +274,12 @@ def _candidate_rows(
     pipeline: str | None,
     seen: set[str],
     n: int,
-) -> list[Row[Any]]:
+) -> list[AnyRow]:
     """The first `n` claimable jobs in claim order: due READY jobs and expired leases, each
     read by an index scan that stops at `n` (ix_lbq_jobs_claim_order; the RUNNING jobs are few)
     rather than one query whose OR would sort the whole queue, then merged."""
     order = (jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
-    found: list[Row[Any]] = []
+    found: list[AnyRow] = []
     for status, due in (
         (JobStatus.READY, jobs.c.next_run_at),
         (JobStatus.RUNNING, jobs.c.lease_expires_at),
@@ -310,7 +316,7 @@ def virtual_time(conn: Connection, pipeline: str, now: float) -> float:
 
 
 def _expire(
-    conn: Connection, spec_of: SpecOf, row: Row[Any], now: float
+    conn: Connection, spec_of: SpecOf, row: AnyRow, now: float
 ) -> tuple[Job, set[str]] | None:
     """Count the dead owner's attempt, so a job that kills its worker every time ends failed
     instead of looping forever. None if the job would fail but its run is busy."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import Column, Row
 
@@ -23,6 +23,9 @@ from llm_batch_queue.jobs import (
     StageSpec,
 )
 from llm_batch_queue.store.sql.tables import jobs
+
+# a row of any width: selects of a column list are typed by their column count
+AnyRow: TypeAlias = Row[*tuple[Any, ...]]
 
 
 def stages_to_json(stages: Mapping[str, StageSpec]) -> JSON:
@@ -93,7 +96,7 @@ JOB_COLUMNS: tuple[Column[Any], ...] = tuple(
 )  # fmt: skip
 
 
-def to_job(row: Row[Any]) -> Job:
+def to_job(row: AnyRow) -> Job:
     m = row._mapping
     return Job(
         id=m["id"],
