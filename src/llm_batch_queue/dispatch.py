@@ -148,7 +148,7 @@ class _Pending:
     """A finish waiting to be written, and what became of it."""
 
     finish: Finish
-    written: anyio.Event = field(default_factory=anyio.Event)
+    written: anyio.Event  # its batch's: set once the whole batch is written
     held: bool = False
     error: BaseException | None = None
 
@@ -192,6 +192,7 @@ class Dispatcher:
         self._wake = anyio.Event()
         self._stop: anyio.Event | None = None  # run_forever's
         self._pending: list[_Pending] = []
+        self._batch_written: anyio.Event | None = None  # the pending batch's, made with it
         self._flush_wake = anyio.Event()
         self._drain_wake = anyio.Event()
         # jobs in flight, for the heartbeat: lease (renewed in place), stage, cancel scope
@@ -407,18 +408,19 @@ class Dispatcher:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            self._batch_written = None
             held = await self._write([p.finish for p in batch])
             if isinstance(held, Exception):
                 for p in batch:
                     p.error = held
-                    p.written.set()
+                batch[0].written.set()
                 continue
             self.stats.finish_batches += 1
             settled = False
             for p, ok in zip(batch, held, strict=True):
                 p.held = ok
-                p.written.set()
                 settled = settled or not isinstance(p.finish, Release)
+            batch[0].written.set()
             if settled:
                 self._drain_wake.set()
 
@@ -565,7 +567,9 @@ class Dispatcher:
         # no more heartbeats: the job is being finished (a renewal racing the commit would
         # find it no longer running and call the lease lost)
         live = self._live.pop(done.lease.job_id, None)
-        pending = _Pending(done)
+        if self._batch_written is None:
+            self._batch_written = anyio.Event()
+        pending = _Pending(done, self._batch_written)
         self._pending.append(pending)
         self._flush_wake.set()
         try:

@@ -5,8 +5,7 @@ holding a per-model lock (an advisory lock on PostgreSQL, the database write loc
 IMMEDIATE on SQLite), so two processes can never both see the last free slot (D-1). A claim books
 all its jobs on a model with one write; reconciliation adds what the calls really used.
 
-Lock order, with claims.py and outcomes.py: job rows, then these model locks (sorted by name),
-then run rows, then items and open jobs.
+Lock order: see outcomes.py. A finish that only gives quota back takes no model lock.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from llm_batch_queue.limits import (
     slot_time,
     window_slot,
 )
+from llm_batch_queue.retry import ModelBlock
 from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
 from llm_batch_queue.store.base import ModelState, Used
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S, KEEP_DAYS_S
@@ -125,12 +125,20 @@ def reserve(
     return verdict
 
 
-def reconcile(conn: Connection, used: Sequence[Used]) -> None:
-    """Replace estimates with what the provider counted (see _ledger.reconciled)."""
+def reconcile(conn: Connection, used: Sequence[Used], blocks: Sequence[ModelBlock] = ()) -> None:
+    """Replace estimates with what the provider counted (see _ledger.reconciled), and park
+    the models in `blocks`.
+
+    A change that takes more quota somewhere (a charge, a later slot) waits for the model's
+    lock, so no admission in progress misses it. One that only gives quota back does not: an
+    admission reading the window just before it is merely cautious, and finishes would
+    otherwise queue behind every claim of the model (and each claim behind them).
+    """
     change = reconciled(used)
-    for model in sorted(change.models):
-        # it may take quota (a charge, a later slot): not in the middle of an admission
+    for model in sorted(change.charged):
         lock_model(conn, model)
+    for b in blocks:  # after the model locks, as in a claim: model lock, then model_state row
+        block(conn, b.model, b.until, b.reason)
     apply(conn, change)
 
 

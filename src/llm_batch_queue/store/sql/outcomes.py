@@ -8,8 +8,8 @@ D-11), in a fixed number of statements however large the batch.
 
 Lock order, everywhere: the job rows (by id), then the run rows (locks.lock_run, by id), then
 the open jobs and the items, then the model locks (ledger.py, by name), then the model_state
-rows. A claim holds model locks while it writes, so it never waits for a run lock, an item row
-or an open job that a finish may hold (it skips them); this order cannot deadlock with it.
+rows, then the rate ledger's rows. A claim holds model locks while it writes, so it never
+waits for a run lock, an item row or an open job that a finish may hold (it skips them).
 """
 
 from __future__ import annotations
@@ -66,12 +66,11 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
         if released or handed_back:
             for pipeline in sorted({row.pipeline for row in rows}):
                 wakeups.announce(conn, pipeline)
-    # last, so the model locks (which every claim of the model waits for) are held only from
-    # here to the commit
-    ledger.reconcile(conn, [f.used for f, _ in taken if f.used is not None])
-    for f in batch:
-        if isinstance(f, Failure) and f.block is not None:
-            ledger.block(conn, f.block.model, f.block.until, f.block.reason)
+    # last, so a model lock (which every claim of the model waits for), when one is needed,
+    # is held only from here to the commit
+    used = [f.used for f, _ in taken if f.used is not None]
+    blocks = [f.block for f in batch if isinstance(f, Failure) and f.block is not None]
+    ledger.reconcile(conn, used, blocks)
     return held
 
 
