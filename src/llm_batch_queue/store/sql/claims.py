@@ -73,8 +73,8 @@ def claim_work(
     claim = Claim()
     bookings = ledger.Bookings(conn, now, admission)
     blocks = ledger.states(conn)
-    # after an expiry failed a job this transaction holds a run lock: from then on it must not
-    # wait for a model lock (lock order: job rows, model locks, runs, items)
+    # after an expiry failed a job this transaction holds a run lock: from then on it takes a
+    # model lock only if it is free, never waiting with a run lock held (lock order: outcomes.py)
     holds_run = False
     locked: set[str] = set()
     # jobs this call has looked at or released itself: MemoryStore picks its candidates once,
