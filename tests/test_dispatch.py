@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from pydantic import BaseModel
 
 from llm_batch_queue.adapters.base import ModelRequest, ModelResponse
 from llm_batch_queue.adapters.scripted import ScriptedAdapter
@@ -454,3 +455,60 @@ async def test_an_output_that_is_not_json_fails_its_job_at_once(where: str, tmp_
     assert items["good"].status is ItemStatus.COMPLETED
     assert items["bad"].status is ItemStatus.NEEDS_REUPLOAD
     assert "cannot be stored as JSON" in (items["bad"].error or "")
+
+
+class _Reading(BaseModel):
+    x: float
+
+
+@pytest.mark.parametrize(
+    "where", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_outputs_postgresql_cannot_store_fail_their_own_job_only(
+    where: str, request: pytest.FixtureRequest
+) -> None:
+    """A model's reply parsed to NaN (pydantic reads `NaN` as a float) and a task's string with
+    U+0000: PostgreSQL refuses both at the commit, which failed the whole group-committed batch
+    and was retried as an outage (found by the adversarial trial). Every store now fails just
+    those jobs, at once and saying why; the others complete."""
+    from llm_batch_queue.store.sql import open_store
+
+    async def task(ctx: StageContext) -> object:
+        return "a\x00b" if ctx.item and ctx.item.key == "nul" else "fine"
+
+    pipeline = Pipeline(
+        "odd",
+        (
+            ModelStage("m", ("m",), lambda c: Prompt(f"{c.payload} "), output_type=_Reading,
+                       max_attempts=2),
+            TaskStage("t", task, after=("m",), max_attempts=1),
+        ),
+    )  # fmt: skip
+    adapter = ScriptedAdapter(
+        default=lambda req: '{"x": NaN}' if req.prompt.startswith("nan ") else '{"x": 1.5}'
+    )
+    if where == "memory":
+        store: Store = MemoryStore()
+    else:
+        store = open_store(request.getfixturevalue("sqlite_url" if where == "sqlite" else "pg_url"))
+    run = store.create_run(
+        pipeline="odd", name="n", stages=pipeline.specs,
+        items=[NewItem(k, k) for k in ("nan", "nul", "ok1", "ok2")], meta={}, now=0.0,
+    )  # fmt: skip
+    dispatcher = Dispatcher(
+        store, pipeline, adapter, clock=FakeClock(), settings=DispatcherSettings(concurrency=8)
+    )
+    with anyio.fail_after(30):
+        await dispatcher.run_until_idle()
+    items = {i.key: i for i in store.items(run.id)}
+    assert {k: i.status for k, i in items.items()} == {
+        "nan": ItemStatus.NEEDS_REUPLOAD,
+        "nul": ItemStatus.NEEDS_REUPLOAD,
+        "ok1": ItemStatus.COMPLETED,
+        "ok2": ItemStatus.COMPLETED,
+    }
+    assert "cannot be stored as JSON" in (items["nan"].error or "")
+    assert "U+0000" in (items["nul"].error or "")
+    assert dispatcher.stats.store_errors == 0
+    if not isinstance(store, MemoryStore):
+        store.close()

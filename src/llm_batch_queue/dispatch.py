@@ -33,6 +33,7 @@ from llm_batch_queue.errors import (
     CallError,
     ConfigError,
     ErrorKind,
+    InvalidOutput,
     RateLimited,
     RequestTooLarge,
     TooLarge,
@@ -635,10 +636,8 @@ class Dispatcher:
             )
             await self._record_failure(claimed, lease_box[0], (), error, started, None)
             return
-        try:  # every store must be able to keep it (a SQL store would refuse it at the commit)
-            json.dumps(output, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            bad = HandlerError(f"the stage's output cannot be stored as JSON: {exc}")
+        if (unstorable := _unstorable(output)) is not None:
+            bad = HandlerError(unstorable)
             await self._record_failure(claimed, lease_box[0], (), bad, started, None)
             return
         result = AttemptResult(started_at=started, finished_at=self.clock.now())
@@ -688,6 +687,8 @@ class Dispatcher:
         try:
             response = await self._adapters[model].generate(request)
             output = stage.parse(response)
+            if (unstorable := _unstorable(output)) is not None:
+                raise InvalidOutput(unstorable)  # e.g. NaN: retried, as any bad output is
         except CallError as exc:
             used = Used(booking, booking.tokens, _sent_at(started, exc.send_delay_s))
             await self._record_failure(
@@ -972,6 +973,28 @@ def _adapter_map(
             raise ConfigError(f"no adapter for model(s): {', '.join(sorted(missing))}")
         return dict(adapter)
     return dict.fromkeys(needed, adapter)
+
+
+def _unstorable(output: JSON) -> str | None:
+    """Why a stage's output cannot be kept by every store (a SQL store would refuse it at the
+    commit, and the finish would be retried as if the database were down), or None."""
+    try:
+        text = json.dumps(output, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"the stage's output cannot be stored as JSON: {exc}"
+    if "\\u0000" in text and _has_nul(output):  # PostgreSQL's jsonb refuses it
+        return "the stage's output cannot be stored as JSON: it contains U+0000 (NUL)"
+    return None
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _sent_at(started: float, send_delay_s: float | None) -> float | None:

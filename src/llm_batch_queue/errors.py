@@ -53,6 +53,9 @@ class CallError(LLMBatchQueueError):
     send_delay_s: float | None = None
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        # the message is stored with the attempt; PostgreSQL text cannot hold NUL (U+0000), and
+        # a provider's or handler's message may carry one
+        message = message.replace("\x00", "\\x00")
         super().__init__(message)
         self.message = message
         self.status_code = status_code

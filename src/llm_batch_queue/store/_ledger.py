@@ -35,15 +35,6 @@ class LedgerChange:
     def models(self) -> set[str]:
         return {m for m, _ in (*self.existing, *self.created)}
 
-    @property
-    def charged(self) -> set[str]:
-        """Models whose quota this change takes more of somewhere (a slot, a day), as opposed
-        to only giving back: a refund seen late by an admission only made it cautious."""
-        slots = (*self.existing.items(), *self.created.items())
-        return {m for (m, _), (r, t, _) in slots if r > 0 or t > 0} | {
-            m for (m, _), n in self.days.items() if n > 0
-        }
-
 
 def _add(row: list[int], requests: int, tokens: int, open_: int) -> None:
     row[0] += requests

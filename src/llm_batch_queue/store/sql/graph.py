@@ -9,6 +9,7 @@ produce.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,6 +23,7 @@ from llm_batch_queue.store.sql import bulk, outbox
 from llm_batch_queue.store.sql.tables import items, jobs, runs
 
 _OPEN = (JobStatus.PENDING.value, JobStatus.READY.value)
+_LOCK_OPEN_TIMEOUT_S = 30.0  # then the finish fails and is retried, as after a lost connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,21 +180,51 @@ def settle(
 def _load_items(
     conn: Connection, item_ids: list[str]
 ) -> dict[str, dict[str, tuple[str, JobStatus]]]:
-    """Per item: stage -> (job id, status), in creation order; open jobs locked first."""
-    conn.execute(
-        select(jobs.c.id)
-        .where(bulk.among(conn, jobs.c.item_id, item_ids), jobs.c.status.in_(_OPEN))
-        .order_by(jobs.c.id)
-        .with_for_update()
-    ).all()
-    found: dict[str, dict[str, tuple[str, JobStatus]]] = {i: {} for i in item_ids}
-    for item_id, stage, job_id, status in conn.execute(
-        select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
-        .where(bulk.among(conn, jobs.c.item_id, item_ids))
-        .order_by(jobs.c.position)
-    ):
-        found[item_id][stage] = (job_id, JobStatus(status))
+    """Per item: stage -> (job id, status), in creation order; its open jobs locked."""
+    found: dict[str, dict[str, tuple[str, JobStatus]]] = {}
+
+    def read() -> list[tuple[str, JobStatus]]:
+        found.clear()
+        found.update({i: {} for i in item_ids})
+        for item_id, stage, job_id, status in conn.execute(
+            select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
+            .where(bulk.among(conn, jobs.c.item_id, item_ids))
+            .order_by(jobs.c.position)
+        ):
+            found[item_id][stage] = (job_id, JobStatus(status))
+        return [v for stages in found.values() for v in stages.values()]
+
+    _lock_open(conn, bulk.among(conn, jobs.c.item_id, item_ids), read)
     return found
+
+
+def _lock_open(
+    conn: Connection,
+    where: ColumnElement[bool],
+    read: Callable[[], Collection[tuple[str, JobStatus]]],
+) -> None:
+    """Lock the open jobs matching `where`, then `read` their state, never waiting for a row.
+
+    The caller holds the run lock. A plain FOR UPDATE could deadlock: a job still ready in
+    this statement's snapshot may have been claimed since, and the finish of it lock its row
+    and wait for our run lock; PostgreSQL would make us wait for that finish (EvalPlanQual
+    follows the row to its newest version). So: lock what is free (SKIP LOCKED), read afresh,
+    and for an open job someone else holds — a claim in progress, which waits for nothing we
+    hold — try again in a moment. A job claimed meanwhile reads as running and needs no lock.
+    """
+    held: set[str] = set()
+    deadline = time.monotonic() + _LOCK_OPEN_TIMEOUT_S
+    while True:
+        query = select(jobs.c.id).where(where, jobs.c.status.in_(_OPEN))
+        held |= set(
+            conn.execute(query.order_by(jobs.c.id).with_for_update(skip_locked=True)).scalars()
+        )
+        unheld = [i for i, st in read() if st.value in _OPEN and i not in held]
+        if not unheld:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"open jobs {unheld} stayed locked by another transaction")
+        time.sleep(0.005)
 
 
 def _mark(conn: Connection, ids: list[str], status: JobStatus, now: float) -> set[str]:
@@ -262,12 +294,19 @@ def restart_item(conn: Connection, item_id: str, spec: RunSpec, now: float) -> I
 
 
 def _load(conn: Connection, where: ColumnElement[bool]) -> dict[str, tuple[str, JobStatus]]:
-    """Stage -> (job id, status), in creation order; open jobs locked first (see module doc)."""
-    conn.execute(select(jobs.c.id).where(where, jobs.c.status.in_(_OPEN)).with_for_update()).all()
-    rows = conn.execute(
-        select(jobs.c.stage, jobs.c.id, jobs.c.status).where(where).order_by(jobs.c.position)
-    )
-    return {stage: (job_id, JobStatus(status)) for stage, job_id, status in rows}
+    """Stage -> (job id, status), in creation order; open jobs locked (see _lock_open)."""
+    found: dict[str, tuple[str, JobStatus]] = {}
+
+    def read() -> list[tuple[str, JobStatus]]:
+        rows = conn.execute(
+            select(jobs.c.stage, jobs.c.id, jobs.c.status).where(where).order_by(jobs.c.position)
+        )
+        found.clear()
+        found.update({stage: (job_id, JobStatus(status)) for stage, job_id, status in rows})
+        return list(found.values())
+
+    _lock_open(conn, where, read)
+    return found
 
 
 def _apply(

@@ -5,7 +5,7 @@ holding a per-model lock (an advisory lock on PostgreSQL, the database write loc
 IMMEDIATE on SQLite), so two processes can never both see the last free slot (D-1). A claim books
 all its jobs on a model with one write; reconciliation adds what the calls really used.
 
-Lock order: see outcomes.py. A finish that only gives quota back takes no model lock.
+Lock order: see outcomes.py. Rows are written in key order (model, slot or day).
 """
 
 from __future__ import annotations
@@ -129,15 +129,15 @@ def reconcile(conn: Connection, used: Sequence[Used], blocks: Sequence[ModelBloc
     """Replace estimates with what the provider counted (see _ledger.reconciled), and park
     the models in `blocks`.
 
-    A change that takes more quota somewhere (a charge, a later slot) waits for the model's
-    lock, so no admission in progress misses it. One that only gives quota back does not: an
-    admission reading the window just before it is merely cautious, and finishes would
-    otherwise queue behind every claim of the model (and each claim behind them).
+    Every writer of a model's ledger rows and block holds the model's lock, taken in name
+    order, so admissions see a whole change or none of it, and no two transactions lock those
+    rows in opposite orders (refunds taken without the lock deadlocked with each other and
+    with claims: found by the adversarial trial).
     """
     change = reconciled(used)
-    for model in sorted(change.charged):
+    for model in sorted(change.models | {b.model for b in blocks}):
         lock_model(conn, model)
-    for b in blocks:  # after the model locks, as in a claim: model lock, then model_state row
+    for b in sorted(blocks, key=lambda b: (b.model, -b.until)):
         block(conn, b.model, b.until, b.reason)
     apply(conn, change)
 
@@ -155,7 +155,7 @@ def apply(conn: Connection, change: LedgerChange) -> None:
             ),
             [
                 {"m": m, "s": slot, "dr": r, "dt": t, "do": o}
-                for (m, slot), (r, t, o) in change.existing.items()
+                for (m, slot), (r, t, o) in sorted(change.existing.items())
             ],
         )
     if change.created:
@@ -171,10 +171,10 @@ def apply(conn: Connection, change: LedgerChange) -> None:
             ),
             [
                 {"model": m, "slot": slot, "requests": r, "tokens": t, "open": o}
-                for (m, slot), (r, t, o) in change.created.items()
+                for (m, slot), (r, t, o) in sorted(change.created.items())
             ],
         )
-    days = [{"model": m, "day": d, "requests": n} for (m, d), n in change.days.items() if n]
+    days = [{"model": m, "day": d, "requests": n} for (m, d), n in sorted(change.days.items()) if n]
     if days:
         insert = _upsert(conn, rate_days)
         conn.execute(

@@ -66,8 +66,8 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
         if released or handed_back:
             for pipeline in sorted({row.pipeline for row in rows}):
                 wakeups.announce(conn, pipeline)
-    # last, so a model lock (which every claim of the model waits for), when one is needed,
-    # is held only from here to the commit
+    # last, so the model locks (which every claim of the model waits for) are held only from
+    # here to the commit
     used = [f.used for f, _ in taken if f.used is not None]
     blocks = [f.block for f in batch if isinstance(f, Failure) and f.block is not None]
     ledger.reconcile(conn, used, blocks)
