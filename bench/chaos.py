@@ -135,8 +135,10 @@ class Workers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 _, err = p.communicate()
-            if p.returncode != 0:
-                errors.append(err.decode(errors="replace")[-2000:])
+            # -SIGTERM: a worker restarted a moment ago, stopped before its handler was in
+            # place (it had claimed nothing yet); any other non-zero exit is an error
+            if p.returncode not in (0, -signal.SIGTERM):
+                errors.append(err.decode(errors="replace")[-2000:] or f"exit {p.returncode}")
         return errors
 
 
