@@ -2,9 +2,9 @@
 
 The decisions come from transitions.py and milestones.py, as in MemoryStore. Callers hold the
 run lock (locks.lock_run) before calling in here, and these functions lock the open jobs they read
-(FOR UPDATE): a concurrent claim either committed first — and we see the job RUNNING — or skips
-the locked job (SKIP LOCKED) and later finds it cancelled. Either order is one MemoryStore could
-produce.
+(_lock_open, which never waits for a row a finish may hold): a concurrent claim either committed
+first — and we see the job RUNNING — or skips the locked job (SKIP LOCKED) and later finds it
+cancelled. Either order is one MemoryStore could produce.
 """
 
 from __future__ import annotations

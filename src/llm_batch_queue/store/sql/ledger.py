@@ -137,7 +137,7 @@ def reconcile(conn: Connection, used: Sequence[Used], blocks: Sequence[ModelBloc
     change = reconciled(used)
     for model in sorted(change.models | {b.model for b in blocks}):
         lock_model(conn, model)
-    for b in sorted(blocks, key=lambda b: (b.model, -b.until)):
+    for b in sorted(blocks, key=lambda b: b.model):  # a block only ever moves later
         block(conn, b.model, b.until, b.reason)
     apply(conn, change)
 
