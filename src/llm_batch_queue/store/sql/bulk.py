@@ -9,13 +9,16 @@ prepared statement is already cheap.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Insert,
     Table,
+    Update,
     all_,
     any_,
     bindparam,
@@ -39,19 +42,13 @@ def update_rows(
     matches, and `constants` in every one of them."""
     if not rows:
         return
-    names = list(rows[0])
+    names, fixed = tuple(rows[0]), tuple(constants or {})
+    statement = _update(conn.dialect.name, table, names, key, fixed)
+    params = {f"c_{n}": value for n, value in (constants or {}).items()}
     if conn.dialect.name == "postgresql":
-        v = _recordset(table, names, rows)
-        sets: dict[str, Any] = {n: v.c[n] for n in names if n != key}
-        sets.update(constants or {})
-        conn.execute(update(table).where(table.c[key] == v.c[key]).values(sets))
+        conn.execute(statement, {"rows": list(rows), **params})
         return
-    binds: dict[str, Any] = {n: bindparam(f"b_{n}") for n in names if n != key}
-    binds.update(constants or {})
-    conn.execute(
-        update(table).where(table.c[key] == bindparam(f"b_{key}")).values(binds),
-        [{f"b_{n}": row[n] for n in names} for row in rows],
-    )
+    conn.execute(statement, [{**{f"b_{n}": row[n] for n in names}, **params} for row in rows])
 
 
 def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -61,16 +58,34 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     if conn.dialect.name != "postgresql":
         conn.execute(table.insert(), list(rows))
         return
-    names = list(rows[0])
-    v = _recordset(table, names, rows)
-    conn.execute(insert(table).from_select(names, select(*(v.c[n] for n in names))))
+    conn.execute(_insert(table, tuple(rows[0])), {"rows": list(rows)})
 
 
-def _recordset(table: Table, names: list[str], rows: Sequence[Mapping[str, Any]]) -> Any:
+# Statements are built once per shape and kept: building one costs the worker more than
+# executing it (SQLAlchemy's cache keys and compiled forms are memoised on the object).
+@functools.cache
+def _update(
+    dialect: str, table: Table, names: tuple[str, ...], key: str, fixed: tuple[str, ...]
+) -> Update:
+    sets: dict[str, Any] = {n: bindparam(f"c_{n}", type_=table.c[n].type) for n in fixed}
+    if dialect == "postgresql":
+        v = _recordset(table, names)
+        sets.update({n: v.c[n] for n in names if n != key})
+        return update(table).where(table.c[key] == v.c[key]).values(sets)
+    sets.update({n: bindparam(f"b_{n}") for n in names if n != key})
+    return update(table).where(table.c[key] == bindparam(f"b_{key}")).values(sets)
+
+
+@functools.cache
+def _insert(table: Table, names: tuple[str, ...]) -> Insert:
+    v = _recordset(table, names)
+    return insert(table).from_select(names, select(*(v.c[n] for n in names)))
+
+
+def _recordset(table: Table, names: tuple[str, ...]) -> Any:
     """json_to_recordset(:rows) AS v(name type, ...), typed like the table's columns."""
-    doc = bindparam("rows", list(rows), type_=JSON)
     return (
-        func.json_to_recordset(doc)
+        func.json_to_recordset(bindparam("rows", type_=JSON))
         .table_valued(*(column(n, table.c[n].type) for n in names))
         .render_derived(name="v", with_types=True)
     )
@@ -84,7 +99,7 @@ def among(
     binding 128 ids costs half the Python of an expanded IN list."""
     if conn.dialect.name != "postgresql":
         return col.in_(list(values))
-    return col == any_(bindparam(None, list(values), type_=ARRAY(col.type)))
+    return col == any_(bindparam(None, list(values), type_=_array_of(col)))
 
 
 def not_among(
@@ -93,4 +108,24 @@ def not_among(
     """`col NOT IN values` (`col <> ALL(:array)` on PostgreSQL, see `among`)."""
     if conn.dialect.name != "postgresql":
         return col.not_in(list(values))
-    return col != all_(bindparam(None, list(values), type_=ARRAY(col.type)))
+    return col != all_(bindparam(None, list(values), type_=_array_of(col)))
+
+
+@functools.cache
+def _array_of(col: ColumnElement[Any]) -> ARRAY[Any]:
+    return ARRAY(col.type)
+
+
+def in_param(dialect: str, col: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """`among` for a statement built once: the values are bound at execution as `name` (a
+    list), as `= ANY(:name)` on PostgreSQL and an expanding IN elsewhere."""
+    if dialect != "postgresql":
+        return col.in_(bindparam(name, expanding=True))
+    return col == any_(bindparam(name, type_=_array_of(col)))
+
+
+def not_in_param(dialect: str, col: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """`not_among` for a statement built once (see in_param)."""
+    if dialect != "postgresql":
+        return col.not_in(bindparam(name, expanding=True))
+    return col != all_(bindparam(name, type_=_array_of(col)))

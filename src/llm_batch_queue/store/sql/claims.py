@@ -11,6 +11,7 @@ runs take turns, see jobs.Job.fair_key and virtual_time), then due time and id.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
@@ -19,7 +20,12 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Integer,
+    Select,
+    Table,
+    Update,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -178,18 +184,12 @@ def _candidates_in_context(
 ) -> list[ClaimedJob]:
     """The jobs as they would be handed out: leased, with their run and item (two reads)."""
     item_ids = [job.item_id for job, _ in found if job.item_id is not None]
-    item_rows = (
-        conn.execute(select(items).where(bulk.among(conn, items.c.id, item_ids))).all()
-        if item_ids
-        else []
-    )
+    dialect = conn.dialect.name
+    item_rows = conn.execute(_by_ids(dialect, items), {"ids": item_ids}) if item_ids else ()
     by_item = {row.id: to_item(row) for row in item_rows}
     run_ids = list({job.run_id for job, _ in found})
     by_run = (
-        {
-            row.id: to_run(row)
-            for row in conn.execute(select(runs).where(bulk.among(conn, runs.c.id, run_ids)))
-        }
+        {row.id: to_run(row) for row in conn.execute(_by_ids(dialect, runs), {"ids": run_ids})}
         if run_ids
         else {}
     )
@@ -253,18 +253,26 @@ def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now:
     if item_ids:
         # SKIP LOCKED: this transaction holds model locks, which a finish holding an item row
         # may be waiting for; such an item is being settled, so it is no longer queued anyway
-        queued = (
-            select(items.c.id)
-            .where(
-                bulk.among(conn, items.c.id, item_ids), items.c.status == ItemStatus.QUEUED.value
-            )
-            .with_for_update(skip_locked=True)
-        )
-        conn.execute(
-            update(items)
-            .where(items.c.id.in_(queued.scalar_subquery()))
-            .values(status=ItemStatus.RUNNING.value)
-        )
+        conn.execute(_items_running(conn.dialect.name), {"ids": item_ids})
+
+
+@functools.cache
+def _by_ids(dialect: str, table: Table) -> Select[Any]:
+    return select(table).where(bulk.in_param(dialect, table.c.id, "ids"))
+
+
+@functools.cache
+def _items_running(dialect: str) -> Update:
+    queued = (
+        select(items.c.id)
+        .where(bulk.in_param(dialect, items.c.id, "ids"), items.c.status == ItemStatus.QUEUED.value)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(items)
+        .where(items.c.id.in_(queued.scalar_subquery()))
+        .values(status=ItemStatus.RUNNING.value)
+    )
 
 
 def _candidate_rows(
@@ -278,28 +286,36 @@ def _candidate_rows(
     """The first `n` claimable jobs in claim order: due READY jobs and expired leases, each
     read by an index scan that stops at `n` (ix_lbq_jobs_claim_order; the RUNNING jobs are few)
     rather than one query whose OR would sort the whole queue, then merged."""
-    order = (jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
+    params = {"now": now, "n": n, "stages": list(stages or ()), "pipeline": pipeline}
+    params["seen"] = list(seen)
+    shape = (stages is not None, pipeline is not None, bool(seen))
     found: list[AnyRow] = []
-    for status, due in (
-        (JobStatus.READY, jobs.c.next_run_at),
-        (JobStatus.RUNNING, jobs.c.lease_expires_at),
-    ):
-        query = (
-            select(*JOB_COLUMNS, jobs.c.lease_expires_at)
-            .where(jobs.c.status == status.value, due <= now)
-            .order_by(*order)
-            .limit(n)
-            .with_for_update(skip_locked=True)
-        )
-        if stages is not None:
-            query = query.where(jobs.c.stage.in_(list(stages)))
-        if pipeline is not None:
-            query = query.where(jobs.c.pipeline == pipeline)
-        if seen:
-            query = query.where(bulk.not_among(conn, jobs.c.id, seen))
-        found += conn.execute(query).all()
+    for status in (JobStatus.READY, JobStatus.RUNNING):
+        query = _candidates_query(conn.dialect.name, status, *shape)
+        found += conn.execute(query, params).all()
     found.sort(key=lambda r: (-r.priority, r.fair_key, r.next_run_at, r.id))
     return found[:n]  # the rest stay as they were (locked until this transaction ends)
+
+
+@functools.cache
+def _candidates_query(
+    dialect: str, status: JobStatus, by_stage: bool, by_pipeline: bool, skip_seen: bool
+) -> Select[Any]:
+    due = jobs.c.next_run_at if status is JobStatus.READY else jobs.c.lease_expires_at
+    query = (
+        select(*JOB_COLUMNS, jobs.c.lease_expires_at)
+        .where(jobs.c.status == status.value, due <= bindparam("now"))
+        .order_by(jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
+        .limit(bindparam("n", type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+    if by_stage:
+        query = query.where(bulk.in_param(dialect, jobs.c.stage, "stages"))
+    if by_pipeline:
+        query = query.where(jobs.c.pipeline == bindparam("pipeline"))
+    if skip_seen:
+        query = query.where(bulk.not_in_param(dialect, jobs.c.id, "seen"))
+    return query
 
 
 def virtual_time(conn: Connection, pipeline: str, now: float) -> float:

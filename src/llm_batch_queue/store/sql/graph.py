@@ -9,12 +9,13 @@ cancelled. Either order is one MemoryStore could produce.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, func, select, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select, update
 
 from llm_batch_queue import transitions
 from llm_batch_queue.jobs import Item, ItemStatus, JobStatus, RunCounts, RunStatus, Scope, StageSpec
@@ -23,6 +24,7 @@ from llm_batch_queue.store.sql import bulk, outbox
 from llm_batch_queue.store.sql.tables import items, jobs, runs
 
 _OPEN = (JobStatus.PENDING.value, JobStatus.READY.value)
+_RUN_STATUS = select(runs.c.status).where(runs.c.id == bindparam("id"))
 _LOCK_OPEN_TIMEOUT_S = 30.0  # then the finish fails and is retried, as after a lost connection
 
 
@@ -88,26 +90,34 @@ def item_keys(conn: Connection, item_ids: Collection[str]) -> dict[str, str]:
     """The items' keys (which never change, so no lock is needed), by id."""
     if not item_ids:
         return {}
-    query = select(items.c.id, items.c.key).where(bulk.among(conn, items.c.id, sorted(item_ids)))
-    return {item_id: key for item_id, key in conn.execute(query)}
+    query = _item_keys_query(conn.dialect.name)
+    return {item_id: key for item_id, key in conn.execute(query, {"ids": sorted(item_ids)})}
+
+
+@functools.cache
+def _item_keys_query(dialect: str) -> Select[Any]:
+    return select(items.c.id, items.c.key).where(bulk.in_param(dialect, items.c.id, "ids"))
 
 
 def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
     """The items' state without their payloads (which settlement never reads), by id."""
     if not item_ids:
         return {}
-    c = items.c
-    rows = conn.execute(
-        select(c.id, c.run_id, c.key, c.status, c.outputs, c.error, c.failures).where(
-            bulk.among(conn, c.id, sorted(item_ids))
-        )
-    )
+    rows = conn.execute(_item_states_query(conn.dialect.name), {"ids": sorted(item_ids)})
     return {
         r.id: Item(
             r.id, r.run_id, r.key, ItemStatus(r.status), None, r.outputs or {}, r.error, r.failures
         )
         for r in rows
     }
+
+
+@functools.cache
+def _item_states_query(dialect: str) -> Select[Any]:
+    c = items.c
+    return select(c.id, c.run_id, c.key, c.status, c.outputs, c.error, c.failures).where(
+        bulk.in_param(dialect, c.id, "ids")
+    )
 
 
 def settle(
@@ -182,25 +192,43 @@ def _load_items(
 ) -> dict[str, dict[str, tuple[str, JobStatus]]]:
     """Per item: stage -> (job id, status), in creation order; its open jobs locked."""
     found: dict[str, dict[str, tuple[str, JobStatus]]] = {}
+    dialect, params = conn.dialect.name, {"ids": item_ids}
 
     def read() -> list[tuple[str, JobStatus]]:
         found.clear()
         found.update({i: {} for i in item_ids})
-        for item_id, stage, job_id, status in conn.execute(
-            select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
-            .where(bulk.among(conn, jobs.c.item_id, item_ids))
-            .order_by(jobs.c.position)
-        ):
+        for item_id, stage, job_id, status in conn.execute(_siblings_query(dialect), params):
             found[item_id][stage] = (job_id, JobStatus(status))
         return [v for stages in found.values() for v in stages.values()]
 
-    _lock_open(conn, bulk.among(conn, jobs.c.item_id, item_ids), read)
+    _lock_open(conn, _open_of_items_query(dialect), params, read)
     return found
+
+
+@functools.cache
+def _siblings_query(dialect: str) -> Select[Any]:
+    return (
+        select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
+        .where(bulk.in_param(dialect, jobs.c.item_id, "ids"))
+        .order_by(jobs.c.position)
+    )
+
+
+@functools.cache
+def _open_of_items_query(dialect: str) -> Select[Any]:
+    return _open_query(bulk.in_param(dialect, jobs.c.item_id, "ids"))
+
+
+def _open_query(where: ColumnElement[bool]) -> Select[Any]:
+    """The ids of the open jobs matching `where`, locking those no one else holds."""
+    query = select(jobs.c.id).where(where, jobs.c.status.in_(_OPEN))
+    return query.order_by(jobs.c.id).with_for_update(skip_locked=True)
 
 
 def _lock_open(
     conn: Connection,
-    where: ColumnElement[bool],
+    query: Select[Any],
+    params: Mapping[str, Any],
     read: Callable[[], Collection[tuple[str, JobStatus]]],
 ) -> None:
     """Lock the open jobs matching `where`, then `read` their state, never waiting for a row.
@@ -215,10 +243,7 @@ def _lock_open(
     held: set[str] = set()
     deadline = time.monotonic() + _LOCK_OPEN_TIMEOUT_S
     while True:
-        query = select(jobs.c.id).where(where, jobs.c.status.in_(_OPEN))
-        held |= set(
-            conn.execute(query.order_by(jobs.c.id).with_for_update(skip_locked=True)).scalars()
-        )
+        held |= set(conn.execute(query, params).scalars())
         unheld = [i for i, st in read() if st.value in _OPEN and i not in held]
         if not unheld:
             return
@@ -256,16 +281,27 @@ def _stage_milestones(
 
 def _any_unsettled(conn: Connection, run_id: str, stages: list[str]) -> bool:
     """EXISTS over the (run_id, stage, status) index: O(1) however large the run."""
+    query = _unsettled_query(conn.dialect.name)
+    return conn.execute(query, {"run_id": run_id, "stages": stages}).first() is not None
+
+
+@functools.cache
+def _unsettled_query(dialect: str) -> Select[Any]:
     unsettled = (JobStatus.PENDING.value, JobStatus.READY.value, JobStatus.RUNNING.value)
-    query = select(jobs.c.id).where(
-        jobs.c.run_id == run_id, jobs.c.stage.in_(stages), jobs.c.status.in_(unsettled)
+    return (
+        select(jobs.c.id)
+        .where(
+            jobs.c.run_id == bindparam("run_id"),
+            bulk.in_param(dialect, jobs.c.stage, "stages"),
+            jobs.c.status.in_(unsettled),
+        )
+        .limit(1)
     )
-    return conn.execute(query.limit(1)).first() is not None
 
 
 def advance_run(conn: Connection, run_id: str, spec: RunSpec, now: float) -> set[str]:
     """Start run-scope jobs once every item has settled; finish the run when all is done."""
-    status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar_one()
+    status = conn.execute(_RUN_STATUS, {"id": run_id}).scalar_one()
     if status != RunStatus.RUNNING.value:
         return set()
     item_stages = [name for name, s in spec.stages.items() if s.scope is Scope.ITEM]
@@ -305,7 +341,7 @@ def _load(conn: Connection, where: ColumnElement[bool]) -> dict[str, tuple[str, 
         found.update({stage: (job_id, JobStatus(status)) for stage, job_id, status in rows})
         return list(found.values())
 
-    _lock_open(conn, where, read)
+    _lock_open(conn, _open_query(where), {}, read)
     return found
 
 

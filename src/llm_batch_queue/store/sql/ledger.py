@@ -10,11 +10,13 @@ Lock order: see outcomes.py. Rows are written in key order (model, slot or day).
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Select, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from llm_batch_queue.jobs import Reservation
@@ -49,32 +51,57 @@ def lock_model(conn: Connection, model: str, *, wait: bool = True) -> bool:
 
 
 def usage(conn: Connection, model: str, limits: ModelLimits, now: float) -> Usage:
-    s = rate_slots.c
-    window = conn.execute(
-        select(s.slot, s.tokens, s.requests).where(
-            s.model == model, s.slot >= window_slot(now - limits.span_s)
-        )
-    )
-    in_flight = (
-        select(func.coalesce(func.sum(s.open), 0))
-        .where(s.model == model, s.slot > window_slot(now - IN_FLIGHT_TTL_S), s.open > 0)
-        .scalar_subquery()
-    )
-    day = (
-        select(rate_days.c.requests)
-        .where(rate_days.c.model == model, rate_days.c.day == day_start(now, limits.day_tz))
-        .scalar_subquery()
-    )
-    blocked = (
-        select(model_state.c.blocked_until).where(model_state.c.model == model).scalar_subquery()
-    )
-    flying, today, until = conn.execute(select(in_flight, day, blocked)).one()
+    window = conn.execute(_WINDOW, {"model": model, "since": window_slot(now - limits.span_s)})
+    flying, today, until = conn.execute(
+        _COUNTERS,
+        {
+            "model": model,
+            "flying_since": window_slot(now - IN_FLIGHT_TTL_S),
+            "day": day_start(now, limits.day_tz),
+        },
+    ).one()
     return Usage(
         window=[WindowEntry(slot_time(slot), tokens, n) for slot, tokens, n in window],
         day_requests=today or 0,
         in_flight=max(0, flying or 0),
         blocked_until=until or 0.0,
     )
+
+
+def _counters() -> Select[Any]:
+    """In-flight count, today's requests and the block of :model, in one read."""
+    s, model = rate_slots.c, bindparam("model", type_=rate_slots.c.model.type)
+    in_flight = (
+        select(func.coalesce(func.sum(s.open), 0))
+        .where(s.model == model, s.slot > bindparam("flying_since"), s.open > 0)
+        .scalar_subquery()
+    )
+    day = (
+        select(rate_days.c.requests)
+        .where(rate_days.c.model == model, rate_days.c.day == bindparam("day"))
+        .scalar_subquery()
+    )
+    blocked = (
+        select(model_state.c.blocked_until).where(model_state.c.model == model).scalar_subquery()
+    )
+    return select(in_flight, day, blocked)
+
+
+_s = rate_slots.c
+_WINDOW = select(_s.slot, _s.tokens, _s.requests).where(
+    _s.model == bindparam("model"), _s.slot >= bindparam("since")
+)
+_COUNTERS = _counters()
+_ADD_TO_SLOT = (
+    update(rate_slots)
+    .where(_s.model == bindparam("m"), _s.slot == bindparam("s"))
+    .values(
+        requests=_s.requests + bindparam("dr"),
+        tokens=_s.tokens + bindparam("dt"),
+        open=_s.open + bindparam("do"),
+    )
+)
+_STATES = select(model_state.c.model, model_state.c.blocked_until, model_state.c.reason)
 
 
 @dataclass
@@ -143,32 +170,17 @@ def reconcile(conn: Connection, used: Sequence[Used], blocks: Sequence[ModelBloc
 
 
 def apply(conn: Connection, change: LedgerChange) -> None:
-    s = rate_slots.c
     if change.existing:
         conn.execute(
-            update(rate_slots)
-            .where(s.model == bindparam("m"), s.slot == bindparam("s"))
-            .values(
-                requests=s.requests + bindparam("dr"),
-                tokens=s.tokens + bindparam("dt"),
-                open=s.open + bindparam("do"),
-            ),
+            _ADD_TO_SLOT,
             [
                 {"m": m, "s": slot, "dr": r, "dt": t, "do": o}
                 for (m, slot), (r, t, o) in sorted(change.existing.items())
             ],
         )
     if change.created:
-        insert = _upsert(conn, rate_slots)
         conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=[s.model, s.slot],
-                set_={
-                    "requests": s.requests + insert.excluded.requests,
-                    "tokens": s.tokens + insert.excluded.tokens,
-                    "open": s.open + insert.excluded.open,
-                },
-            ),
+            _create_slots(conn.dialect.name),
             [
                 {"model": m, "slot": slot, "requests": r, "tokens": t, "open": o}
                 for (m, slot), (r, t, o) in sorted(change.created.items())
@@ -176,18 +188,33 @@ def apply(conn: Connection, change: LedgerChange) -> None:
         )
     days = [{"model": m, "day": d, "requests": n} for (m, d), n in sorted(change.days.items()) if n]
     if days:
-        insert = _upsert(conn, rate_days)
-        conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=[rate_days.c.model, rate_days.c.day],
-                set_={"requests": rate_days.c.requests + insert.excluded.requests},
-            ),
-            days,
-        )
+        conn.execute(_count_days(conn.dialect.name), days)
 
 
-def _upsert(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+@functools.cache
+def _create_slots(dialect: str) -> postgresql.Insert | sqlite.Insert:
+    insert = _upsert(dialect, rate_slots)
+    return insert.on_conflict_do_update(
+        index_elements=[_s.model, _s.slot],
+        set_={
+            "requests": _s.requests + insert.excluded.requests,
+            "tokens": _s.tokens + insert.excluded.tokens,
+            "open": _s.open + insert.excluded.open,
+        },
+    )
+
+
+@functools.cache
+def _count_days(dialect: str) -> postgresql.Insert | sqlite.Insert:
+    insert = _upsert(dialect, rate_days)
+    return insert.on_conflict_do_update(
+        index_elements=[rate_days.c.model, rate_days.c.day],
+        set_={"requests": rate_days.c.requests + insert.excluded.requests},
+    )
+
+
+def _upsert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def prune(conn: Connection, now: float) -> None:
@@ -199,7 +226,7 @@ def prune(conn: Connection, now: float) -> None:
 
 def block(conn: Connection, model: str, until: float, reason: str) -> None:
     """Upsert that only ever moves blocked_until later (a shorter cool-down never shortens)."""
-    insert = _upsert(conn, model_state)
+    insert = _upsert(conn.dialect.name, model_state)
     conn.execute(
         insert.values(model=model, blocked_until=until, reason=reason).on_conflict_do_update(
             index_elements=[model_state.c.model],
@@ -218,7 +245,7 @@ def state(conn: Connection, model: str, now: float) -> ModelState:
 
 def states(conn: Connection, models: Iterable[str] | None = None) -> dict[str, tuple[float, str]]:
     """Every model's block (until, reason), in one read: a claim looks up many."""
-    query = select(model_state.c.model, model_state.c.blocked_until, model_state.c.reason)
+    query = _STATES
     if models is not None:
         query = query.where(model_state.c.model.in_(list(models)))
     return {m: (until, reason or "") for m, until, reason in conn.execute(query)}

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import BigInteger, Connection, bindparam, func, select
 
 from llm_batch_queue.store.sql.tables import runs
+
+_KEY = bindparam("key", type_=BigInteger)
+_LOCK = select(func.pg_advisory_xact_lock(_KEY))
+_TRY_LOCK = select(func.pg_try_advisory_xact_lock(_KEY))
+_RUN = select(runs.c.id).where(runs.c.id == bindparam("id"))
+_LOCK_RUN = {
+    wait: _RUN.with_for_update(key_share=True, skip_locked=not wait) for wait in (True, False)
+}
 
 
 def advisory_key(name: str) -> int:
@@ -23,7 +31,7 @@ def advisory_key(name: str) -> int:
 def advisory_lock(conn: Connection, name: str) -> None:
     """Held until the transaction ends."""
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(advisory_key(name))))
+        conn.execute(_LOCK, {"key": advisory_key(name)})
 
 
 def lock_run(conn: Connection, run_id: str, *, wait: bool = True) -> bool:
@@ -35,16 +43,11 @@ def lock_run(conn: Connection, run_id: str, *, wait: bool = True) -> bool:
     """
     if conn.dialect.name != "postgresql":
         return True
-    query = (
-        select(runs.c.id)
-        .where(runs.c.id == run_id)
-        .with_for_update(key_share=True, skip_locked=not wait)
-    )
-    return conn.execute(query).first() is not None
+    return conn.execute(_LOCK_RUN[wait], {"id": run_id}).first() is not None
 
 
 def try_advisory_lock(conn: Connection, name: str) -> bool:
     """Like advisory_lock, but False at once if another transaction holds it."""
     if conn.dialect.name != "postgresql":
         return True
-    return bool(conn.execute(select(func.pg_try_advisory_xact_lock(advisory_key(name)))).scalar())
+    return bool(conn.execute(_TRY_LOCK, {"key": advisory_key(name)}).scalar())

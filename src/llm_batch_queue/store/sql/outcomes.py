@@ -14,10 +14,11 @@ waits for a run lock, an item row or an open job that a finish may hold (it skip
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Select, select
 
 from llm_batch_queue.jobs import GiveUp, Item, Job, JobStatus, Retry
 from llm_batch_queue.store.base import Completion, Failure, Finish, Release
@@ -29,12 +30,8 @@ from llm_batch_queue.store.sql.tables import attempts, jobs
 
 
 def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: float) -> list[bool]:
-    rows = conn.execute(
-        select(*JOB_COLUMNS, jobs.c.lease_token, jobs.c.pipeline)
-        .where(bulk.among(conn, jobs.c.id, sorted({f.lease.job_id for f in batch})))
-        .order_by(jobs.c.id)
-        .with_for_update()
-    ).all()
+    ids = sorted({f.lease.job_id for f in batch})
+    rows = conn.execute(_leased_query(conn.dialect.name), {"ids": ids}).all()
     leased = {
         row.id: row for row in rows if row.status == JobStatus.RUNNING.value and row.lease_token
     }
@@ -72,6 +69,16 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
     blocks = [f.block for f in batch if isinstance(f, Failure) and f.block is not None]
     ledger.reconcile(conn, used, blocks)
     return held
+
+
+@functools.cache
+def _leased_query(dialect: str) -> Select[Any]:
+    return (
+        select(*JOB_COLUMNS, jobs.c.lease_token, jobs.c.pipeline)
+        .where(bulk.in_param(dialect, jobs.c.id, "ids"))
+        .order_by(jobs.c.id)
+        .with_for_update()
+    )
 
 
 def _record(conn: Connection, taken: list[tuple[Finish, Job]], keys: Mapping[str, str]) -> None:
