@@ -12,7 +12,7 @@ runs take turns, see jobs.Job.fair_key and virtual_time), then due time and id.
 from __future__ import annotations
 
 import functools
-import uuid
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
@@ -97,7 +97,8 @@ def claim_work(
         found: list[tuple[Job, bool]] = []
         for row in rows:
             seen.add(row.id)
-            job, reclaimed = to_job(row), row.status == JobStatus.RUNNING.value
+            reclaimed = row.status == JobStatus.RUNNING.value
+            job = to_job(row) if reclaimed else to_job(row, JobStatus.RUNNING)
             if reclaimed:
                 expired = _expire(conn, spec_of, row, now)
                 if expired is None:  # its run is busy: leave it to the next claim
@@ -139,7 +140,8 @@ def claim_work(
             if isinstance(outcome, Denied | Postpone | _Skip):
                 _unclaimed(conn, candidate, outcome, now)
                 continue
-            claim.jobs.append(replace(candidate, reservation=outcome))
+            c = candidate
+            claim.jobs.append(ClaimedJob(c.job, c.lease, c.run, c.item, c.reclaimed, outcome))
     _write_leases(conn, claim.jobs, worker, now)
     bookings.write()
     return claim
@@ -182,11 +184,14 @@ def _book(
 def _candidates_in_context(
     conn: Connection, found: list[tuple[Job, bool]], worker: str, now: float, lease_s: float
 ) -> list[ClaimedJob]:
-    """The jobs as they would be handed out: leased, with their run and item (two reads)."""
+    """The jobs (already marked RUNNING) as they would be handed out: leased, with their run
+    and item (two reads)."""
     item_ids = [job.item_id for job, _ in found if job.item_id is not None]
     dialect = conn.dialect.name
     item_rows = conn.execute(_by_ids(dialect, items), {"ids": item_ids}) if item_ids else ()
-    by_item = {row.id: to_item(row) for row in item_rows}
+    # as they are once claimed: a queued item starts running with its job
+    queued, running = ItemStatus.QUEUED.value, ItemStatus.RUNNING
+    by_item = {row.id: to_item(row, running if row.status == queued else None) for row in item_rows}
     run_ids = list({job.run_id for job, _ in found})
     by_run = (
         {row.id: to_run(row) for row in conn.execute(_by_ids(dialect, runs), {"ids": run_ids})}
@@ -196,12 +201,10 @@ def _candidates_in_context(
     out = []
     for job, reclaimed in found:
         item = by_item.get(job.item_id) if job.item_id is not None else None
-        if item is not None and item.status is ItemStatus.QUEUED:
-            item = replace(item, status=ItemStatus.RUNNING)
         out.append(
             ClaimedJob(
-                replace(job, status=JobStatus.RUNNING),
-                Lease(job.id, uuid.uuid4().hex, now + lease_s),
+                job,
+                Lease(job.id, os.urandom(16).hex(), now + lease_s),
                 by_run[job.run_id],
                 item,
                 reclaimed,

@@ -159,11 +159,15 @@ def settle(
             cancel += [found[s][0] for s in step.cancel]
             cancelled[item.run_id] |= set(step.cancel)
             statuses = _after(step, found)
-            new = replace(
-                item,
-                status=transitions.item_status(statuses),
-                outputs={**item.outputs, **outputs.get(item_id, {})},
-                error=errors.get(item_id, item.error),
+            new = Item(
+                item.id,
+                item.run_id,
+                item.key,
+                transitions.item_status(statuses),
+                item.payload,
+                {**item.outputs, **outputs.get(item_id, {})},
+                errors.get(item_id, item.error),
+                item.failures,
             )
             if new.status is ItemStatus.NEEDS_REUPLOAD and item.status is not new.status:
                 new = replace(new, failures=item.failures + 1)

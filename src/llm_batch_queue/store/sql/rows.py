@@ -71,13 +71,14 @@ def to_run(row: Row[Any]) -> Run:
     )
 
 
-def to_item(row: Row[Any]) -> Item:
+def to_item(row: Row[Any], status: ItemStatus | None = None) -> Item:
+    """The item of a whole row of lbq_items; `status` in place of the stored one, if given."""
     m = row._mapping
     return Item(
         m["id"],
         m["run_id"],
         m["key"],
-        ItemStatus(m["status"]),
+        status or ItemStatus(m["status"]),
         m["payload"],
         dict(m["outputs"]),
         m["error"],
@@ -96,23 +97,26 @@ JOB_COLUMNS: tuple[Column[Any], ...] = tuple(
 )  # fmt: skip
 
 
-def to_job(row: AnyRow) -> Job:
-    m = row._mapping
+def to_job(row: AnyRow, status: JobStatus | None = None) -> Job:
+    """The job of a row that starts with JOB_COLUMNS (by position: a named lookup per column
+    costs more than the rest of the conversion); `status` in place of the stored one."""
+    id_, run_id, item_id, stage, stored, priority, attempts, max_attempts, *rest = row[:14]
+    next_run_at, model_index, last_error, model_failures, output, fair_key = rest
     return Job(
-        id=m["id"],
-        run_id=m["run_id"],
-        item_id=m["item_id"],
-        stage=m["stage"],
-        status=JobStatus(m["status"]),
-        priority=m["priority"],
-        attempts=m["attempts"],
-        max_attempts=m["max_attempts"],
-        next_run_at=m["next_run_at"],
-        model_index=m["model_index"],
-        last_error=m["last_error"],
-        model_failures=m["model_failures"],
-        output=m["output"],
-        fair_key=m["fair_key"],
+        id_,
+        run_id,
+        item_id,
+        stage,
+        status or JobStatus(stored),
+        priority,
+        attempts,
+        max_attempts,
+        next_run_at,
+        model_index,
+        last_error,
+        model_failures,
+        output,
+        fair_key,
     )
 
 

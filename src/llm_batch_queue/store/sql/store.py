@@ -64,6 +64,7 @@ from llm_batch_queue.store.sql import (
 )
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
 from llm_batch_queue.store.sql.rows import (
+    JOB_COLUMNS,
     stages_from_json,
     stages_to_json,
     to_attempt,
@@ -207,7 +208,7 @@ class SQLStore:
     def jobs(self, run_id: str) -> list[Job]:
         with self._tx() as conn:
             rows = conn.execute(
-                select(jobs).where(jobs.c.run_id == run_id).order_by(jobs.c.position)
+                select(*JOB_COLUMNS).where(jobs.c.run_id == run_id).order_by(jobs.c.position)
             ).all()
         return [to_job(r) for r in rows]
 
