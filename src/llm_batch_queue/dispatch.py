@@ -16,15 +16,17 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from llm_batch_queue import events
 from llm_batch_queue.adapters.base import ModelAdapter, ModelRequest, ModelResponse
@@ -154,6 +156,35 @@ class _Pending:
     error: BaseException | None = None
 
 
+class _Runners:
+    """Tasks that run claimed jobs one after another, as many as there are jobs in flight:
+    anyio's bookkeeping for a new task (a cancel scope, an event, a wrapper coroutine) cost
+    ~45 µs a job, handing a job to a waiting task ~5 µs."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup, run: Callable[[ClaimedJob], Awaitable[None]]):
+        self._tg, self._run = tg, run
+        self._send, self._jobs = anyio.create_memory_object_stream[ClaimedJob](math.inf)
+        self._started = 0
+
+    def hand(self, job: ClaimedJob, in_flight: int) -> None:
+        """Queue `job`; `in_flight` counts it. A runner ends a job before it takes the next,
+        so one runner per job in flight means no job waits for a runner."""
+        self._send.send_nowait(job)
+        while self._started < in_flight:
+            self._started += 1
+            self._tg.start_soon(self._serve, self._jobs.clone())
+
+    def close(self) -> None:
+        """No more jobs: each runner ends once none is left for it."""
+        self._send.close()
+        self._jobs.close()  # the runners' clones stay open until they end
+
+    async def _serve(self, jobs: MemoryObjectReceiveStream[ClaimedJob]) -> None:
+        with jobs:
+            async for job in jobs:
+                await self._run(job)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -261,8 +292,12 @@ class Dispatcher:
                 background.start_soon(self._wake_on, stop)
             try:
                 async with anyio.create_task_group() as tg:
-                    await self._claim_loop(tg, deadline, max_jobs, wait_for_future,
-                                           max_wait_s, stop, run_id)  # fmt: skip
+                    runners = _Runners(tg, self._run_job)
+                    try:
+                        await self._claim_loop(runners, deadline, max_jobs, wait_for_future,
+                                               max_wait_s, stop, run_id)  # fmt: skip
+                    finally:
+                        runners.close()  # they finish what they were handed, then end
             finally:
                 background.cancel_scope.cancel()
                 self._stop = None
@@ -272,7 +307,7 @@ class Dispatcher:
 
     async def _claim_loop(
         self,
-        tg: anyio.abc.TaskGroup,
+        runners: _Runners,
         deadline: float | None,
         max_jobs: int | None,
         wait_for_future: bool,
@@ -322,7 +357,7 @@ class Dispatcher:
                 started += 1
                 self._in_flight += 1
                 self.stats.claimed += 1
-                tg.start_soon(self._run_job, job)
+                runners.hand(job, self._in_flight)
             if claimed:
                 # let the new jobs send before claiming more: their quota was booked at the
                 # claim, and the provider counts a request from when it arrives
