@@ -25,6 +25,7 @@ from sqlalchemy import (
     column,
     func,
     insert,
+    literal_column,
     select,
     update,
 )
@@ -129,3 +130,11 @@ def not_in_param(dialect: str, col: ColumnElement[Any], name: str) -> ColumnElem
     if dialect != "postgresql":
         return col.not_in(bindparam(name, expanding=True))
     return col != all_(bindparam(name, type_=_array_of(col)))
+
+
+def one_of(col: ColumnElement[Any], values: Sequence[str]) -> ColumnElement[bool]:
+    """`col IN ('a', 'b')` with the values (our own status names) written into the SQL: a
+    bound list would be expanded into the statement's text again on every execution."""
+    if not all(v.isidentifier() for v in values):
+        raise ValueError(f"not a constant name: {values!r}")
+    return col.in_([literal_column(f"'{v}'") for v in values])

@@ -184,9 +184,11 @@ def settle(
         bulk.update_rows(conn, items, changed)
     for run_id in sorted(touched):
         spec = spec_of(conn, run_id)
-        if touched[run_id].items:
-            _stage_milestones(conn, run_id, spec, touched[run_id].stages | cancelled[run_id], now)
-        if run_id in settled_runs:
+        busy = bool(touched[run_id].items) and _stage_milestones(
+            conn, run_id, spec, touched[run_id].stages | cancelled[run_id], now
+        )
+        # a stage with jobs left means the run has nothing to advance: skip asking again
+        if run_id in settled_runs and not busy:
             released |= advance_run(conn, run_id, spec, now)
     return released
 
@@ -225,7 +227,7 @@ def _open_of_items_query(dialect: str) -> Select[Any]:
 
 def _open_query(where: ColumnElement[bool]) -> Select[Any]:
     """The ids of the open jobs matching `where`, locking those no one else holds."""
-    query = select(jobs.c.id).where(where, jobs.c.status.in_(_OPEN))
+    query = select(jobs.c.id).where(where, bulk.one_of(jobs.c.status, _OPEN))
     return query.order_by(jobs.c.id).with_for_update(skip_locked=True)
 
 
@@ -267,11 +269,15 @@ def _mark(conn: Connection, ids: list[str], status: JobStatus, now: float) -> se
 
 def _stage_milestones(
     conn: Connection, run_id: str, spec: RunSpec, stages: set[str], now: float
-) -> None:
+) -> bool:
+    """Write the milestones of the item stages in `stages` that have settled; True if one of
+    them has not."""
     # in the graph's order, as MemoryStore writes simultaneous milestones
     item_stages = [s for s, st in spec.stages.items() if s in stages and st.scope is Scope.ITEM]
+    busy = False
     for name in item_stages:
         if _any_unsettled(conn, run_id, [name]):
+            busy = True
             continue
         tally = RunCounts()
         for status, n in conn.execute(
@@ -281,6 +287,7 @@ def _stage_milestones(
         ):
             tally.jobs_by_stage_status[(name, status)] = n
         milestones(conn, run_id, spec).stages_settled(tally, {name: spec.stages[name]}, now)
+    return busy
 
 
 def _any_unsettled(conn: Connection, run_id: str, stages: list[str]) -> bool:
@@ -297,7 +304,7 @@ def _unsettled_query(dialect: str) -> Select[Any]:
         .where(
             jobs.c.run_id == bindparam("run_id"),
             bulk.in_param(dialect, jobs.c.stage, "stages"),
-            jobs.c.status.in_(unsettled),
+            bulk.one_of(jobs.c.status, unsettled),
         )
         .limit(1)
     )

@@ -16,7 +16,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, bindparam, delete, func, select, update
+from sqlalchemy import (
+    Connection,
+    Executable,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from llm_batch_queue.jobs import Reservation
@@ -170,25 +180,27 @@ def reconcile(conn: Connection, used: Sequence[Used], blocks: Sequence[ModelBloc
 
 
 def apply(conn: Connection, change: LedgerChange) -> None:
-    if change.existing:
-        conn.execute(
-            _ADD_TO_SLOT,
-            [
-                {"m": m, "s": slot, "dr": r, "dt": t, "do": o}
-                for (m, slot), (r, t, o) in sorted(change.existing.items())
-            ],
-        )
-    if change.created:
-        conn.execute(
-            _create_slots(conn.dialect.name),
-            [
-                {"model": m, "slot": slot, "requests": r, "tokens": t, "open": o}
-                for (m, slot), (r, t, o) in sorted(change.created.items())
-            ],
-        )
+    existing = [
+        {"m": m, "s": slot, "dr": r, "dt": t, "do": o}
+        for (m, slot), (r, t, o) in sorted(change.existing.items())
+    ]
+    _each(conn, _ADD_TO_SLOT, existing)
+    created = [
+        {"model": m, "slot": slot, "requests": r, "tokens": t, "open": o}
+        for (m, slot), (r, t, o) in sorted(change.created.items())
+    ]
+    _each(conn, _create_slots(conn.dialect.name), created)
     days = [{"model": m, "day": d, "requests": n} for (m, d), n in sorted(change.days.items()) if n]
-    if days:
-        conn.execute(_count_days(conn.dialect.name), days)
+    _each(conn, _count_days(conn.dialect.name), days)
+
+
+def _each(conn: Connection, statement: Executable, rows: list[dict[str, Any]]) -> None:
+    """Run `statement` once per row, in row order. A change is usually one row, and psycopg's
+    executemany (a pipeline) costs several times a plain execute for a single row."""
+    if len(rows) == 1:
+        conn.execute(statement, rows[0])
+    elif rows:
+        conn.execute(statement, rows)
 
 
 @functools.cache
