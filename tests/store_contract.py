@@ -513,7 +513,7 @@ class StoreContract:
             "lease expired: the worker died or stalled",
         )
         (expired,) = store.attempts(run.id)
-        assert expired.result.error_kind == "lease_expired"
+        assert (expired.result.error_kind, expired.item_key) == ("lease_expired", "a")
         assert expired.result.started_at == T0 + LEASE_S
         before = snapshot(store, run.id)
         with pytest.raises(LeaseLost):

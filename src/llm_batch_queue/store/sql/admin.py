@@ -29,7 +29,7 @@ from llm_batch_queue.store.admin import (
 from llm_batch_queue.store.sql import graph, wakeups
 from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf
 from llm_batch_queue.store.sql.locks import lock_run
-from llm_batch_queue.store.sql.rows import to_item
+from llm_batch_queue.store.sql.rows import ITEM_COLUMNS, to_item
 from llm_batch_queue.store.sql.tables import items, jobs, runs
 
 _OPEN = (JobStatus.PENDING.value, JobStatus.READY.value)
@@ -136,7 +136,7 @@ def _find(conn: Connection, run_id: str, item_key: str) -> str:
 
 
 def _item(conn: Connection, item_id: str) -> Item:
-    return to_item(conn.execute(select(items).where(items.c.id == item_id)).one())
+    return to_item(conn.execute(select(*ITEM_COLUMNS).where(items.c.id == item_id)).one())
 
 
 def _lock(conn: Connection, run_id: str, scope: ColumnElement[bool]) -> None:

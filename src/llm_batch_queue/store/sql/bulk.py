@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Insert,
     Table,
     Update,
     all_,
@@ -24,12 +23,11 @@ from sqlalchemy import (
     bindparam,
     column,
     func,
-    insert,
     literal_column,
-    select,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSON
+from sqlalchemy.types import TypeEngine
 
 
 def update_rows(
@@ -52,16 +50,6 @@ def update_rows(
     conn.execute(statement, [{**{f"b_{n}": row[n] for n in names}, **params} for row in rows])
 
 
-def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """INSERT every row (all name the same columns) in one statement on PostgreSQL."""
-    if not rows:
-        return
-    if conn.dialect.name != "postgresql":
-        conn.execute(table.insert(), list(rows))
-        return
-    conn.execute(_insert(table, tuple(rows[0])), {"rows": list(rows)})
-
-
 # Statements are built once per shape and kept: building one costs the worker more than
 # executing it (SQLAlchemy's cache keys and compiled forms are memoised on the object).
 @functools.cache
@@ -77,17 +65,17 @@ def _update(
     return update(table).where(table.c[key] == bindparam(f"b_{key}")).values(sets)
 
 
-@functools.cache
-def _insert(table: Table, names: tuple[str, ...]) -> Insert:
-    v = _recordset(table, names)
-    return insert(table).from_select(names, select(*(v.c[n] for n in names)))
-
-
 def _recordset(table: Table, names: tuple[str, ...]) -> Any:
     """json_to_recordset(:rows) AS v(name type, ...), typed like the table's columns."""
+    return recordset(*((n, table.c[n].type) for n in names))
+
+
+def recordset(*typed: tuple[str, TypeEngine[Any]]) -> Any:
+    """json_to_recordset(:rows) AS v(name type, ...): the rows bound as one JSON parameter
+    (PostgreSQL)."""
     return (
         func.json_to_recordset(bindparam("rows", type_=JSON))
-        .table_valued(*(column(n, table.c[n].type) for n in names))
+        .table_valued(*(column(n, type_) for n, type_ in typed))
         .render_derived(name="v", with_types=True)
     )
 

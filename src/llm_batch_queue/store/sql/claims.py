@@ -20,13 +20,14 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Insert,
     Integer,
     Select,
-    Table,
     Update,
     and_,
     bindparam,
     func,
+    insert,
     or_,
     select,
     update,
@@ -48,6 +49,8 @@ from llm_batch_queue.store.memory import LOOKAHEAD
 from llm_batch_queue.store.sql import bulk, graph, ledger
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import (
+    ITEM_COLUMNS,
+    ITEM_STATUS,
     JOB_COLUMNS,
     AnyRow,
     attempt_values,
@@ -188,13 +191,15 @@ def _candidates_in_context(
     and item (two reads)."""
     item_ids = [job.item_id for job, _ in found if job.item_id is not None]
     dialect = conn.dialect.name
-    item_rows = conn.execute(_by_ids(dialect, items), {"ids": item_ids}) if item_ids else ()
+    item_rows = conn.execute(_items_by_ids(dialect), {"ids": item_ids}) if item_ids else ()
     # as they are once claimed: a queued item starts running with its job
     queued, running = ItemStatus.QUEUED.value, ItemStatus.RUNNING
-    by_item = {row.id: to_item(row, running if row.status == queued else None) for row in item_rows}
+    by_item = {
+        row[0]: to_item(row, running if row[ITEM_STATUS] == queued else None) for row in item_rows
+    }
     run_ids = list({job.run_id for job, _ in found})
     by_run = (
-        {row.id: to_run(row) for row in conn.execute(_by_ids(dialect, runs), {"ids": run_ids})}
+        {row.id: to_run(row) for row in conn.execute(_runs_by_ids(dialect), {"ids": run_ids})}
         if run_ids
         else {}
     )
@@ -260,8 +265,13 @@ def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now:
 
 
 @functools.cache
-def _by_ids(dialect: str, table: Table) -> Select[Any]:
-    return select(table).where(bulk.in_param(dialect, table.c.id, "ids"))
+def _items_by_ids(dialect: str) -> Select[Any]:
+    return select(*ITEM_COLUMNS).where(bulk.in_param(dialect, items.c.id, "ids"))
+
+
+@functools.cache
+def _runs_by_ids(dialect: str) -> Select[Any]:
+    return select(runs).where(bulk.in_param(dialect, runs.c.id, "ids"))
 
 
 @functools.cache
@@ -395,10 +405,38 @@ def _open_jobs_free(conn: Connection, run_id: str, item_id: str | None) -> bool:
 
 
 def record(conn: Connection, job: Job, result: AttemptResult) -> None:
-    item_key = None
-    if job.item_id is not None:
-        item_key = conn.execute(select(items.c.key).where(items.c.id == job.item_id)).scalar()
-    conn.execute(attempts.insert().values(attempt_values(job.id, job.stage, item_key, result)))
+    record_attempts(conn, [attempt_values(job.id, job.stage, job.item_id, result)])
+
+
+def record_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """INSERT attempt rows (rows.attempt_values) in one statement, each with its item's key
+    (looked up by the statement itself, so no read of the items comes first)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(_attempts_from_json(), {"rows": rows})
+        return
+    conn.execute(_attempts_values(), [{f"b_{n}": v for n, v in row.items()} for row in rows])
+
+
+_ATTEMPT_FIELDS = tuple(c.name for c in attempts.c if c.name not in ("id", "item_key"))
+
+
+@functools.cache
+def _attempts_from_json() -> Insert:
+    v = bulk.recordset(
+        *((n, attempts.c[n].type) for n in _ATTEMPT_FIELDS), ("item_id", items.c.id.type)
+    )
+    key = select(items.c.key).where(items.c.id == v.c.item_id).scalar_subquery()
+    values = select(*(v.c[n] for n in _ATTEMPT_FIELDS), key)
+    return insert(attempts).from_select([*_ATTEMPT_FIELDS, "item_key"], values)
+
+
+@functools.cache
+def _attempts_values() -> Insert:
+    key = select(items.c.key).where(items.c.id == bindparam("b_item_id")).scalar_subquery()
+    binds: dict[str, Any] = {n: bindparam(f"b_{n}") for n in _ATTEMPT_FIELDS}
+    return insert(attempts).values({**binds, "item_key": key})
 
 
 def take(conn: Connection, lease: Lease) -> Job:

@@ -86,29 +86,14 @@ def after_settle(
     return settle(conn, lambda _conn, _run: spec, {run_id: touched}, now)
 
 
-def item_keys(conn: Connection, item_ids: Collection[str]) -> dict[str, str]:
-    """The items' keys (which never change, so no lock is needed), by id."""
-    if not item_ids:
-        return {}
-    query = _item_keys_query(conn.dialect.name)
-    return {item_id: key for item_id, key in conn.execute(query, {"ids": sorted(item_ids)})}
-
-
-@functools.cache
-def _item_keys_query(dialect: str) -> Select[Any]:
-    return select(items.c.id, items.c.key).where(bulk.in_param(dialect, items.c.id, "ids"))
-
-
 def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
     """The items' state without their payloads (which settlement never reads), by id."""
     if not item_ids:
         return {}
     rows = conn.execute(_item_states_query(conn.dialect.name), {"ids": sorted(item_ids)})
     return {
-        r.id: Item(
-            r.id, r.run_id, r.key, ItemStatus(r.status), None, r.outputs or {}, r.error, r.failures
-        )
-        for r in rows
+        id_: Item(id_, run_id, key, ItemStatus(status), None, outputs or {}, error, failures)
+        for id_, run_id, key, status, outputs, error, failures in rows
     }
 
 

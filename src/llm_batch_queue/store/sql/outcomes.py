@@ -23,10 +23,10 @@ from sqlalchemy import Connection, Select, select
 from llm_batch_queue.jobs import GiveUp, Item, Job, JobStatus, Retry
 from llm_batch_queue.store.base import Completion, Failure, Finish, Release
 from llm_batch_queue.store.sql import bulk, graph, ledger, wakeups
-from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf
+from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf, record_attempts
 from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import JOB_COLUMNS, attempt_values, to_job
-from llm_batch_queue.store.sql.tables import attempts, jobs
+from llm_batch_queue.store.sql.tables import jobs
 
 
 def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: float) -> list[bool]:
@@ -46,8 +46,7 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
     if taken:
         # the job's own rows first (locked above): the attempts and the jobs' new states need
         # no run lock, so finishes in other processes wait for each other only to settle
-        keys = graph.item_keys(conn, {j.item_id for _, j in taken if j.item_id is not None})
-        _record(conn, taken, keys)
+        _record(conn, taken)
         after = [_values(f, job, now) for f, job in taken]
         bulk.update_rows(conn, jobs, after, constants=NO_LEASE)
         settled = [(f, job) for f, job in taken if _settles(f)]
@@ -81,15 +80,14 @@ def _leased_query(dialect: str) -> Select[Any]:
     )
 
 
-def _record(conn: Connection, taken: list[tuple[Finish, Job]], keys: Mapping[str, str]) -> None:
+def _record(conn: Connection, taken: list[tuple[Finish, Job]]) -> None:
     """An attempt per completion and failure (a release ran nothing)."""
     ran = [
-        attempt_values(job.id, job.stage, keys.get(job.item_id or ""), f.result)
+        attempt_values(job.id, job.stage, job.item_id, f.result)
         for f, job in taken
         if not isinstance(f, Release)
     ]
-    if ran:
-        bulk.insert_rows(conn, attempts, ran)
+    record_attempts(conn, ran)
 
 
 def _values(f: Finish, job: Job, now: float) -> dict[str, Any]:

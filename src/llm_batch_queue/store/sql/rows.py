@@ -22,7 +22,7 @@ from llm_batch_queue.jobs import (
     Scope,
     StageSpec,
 )
-from llm_batch_queue.store.sql.tables import jobs
+from llm_batch_queue.store.sql.tables import items, jobs
 
 # a row of any width: selects of a column list are typed by their column count
 AnyRow: TypeAlias = Row[*tuple[Any, ...]]
@@ -71,19 +71,19 @@ def to_run(row: Row[Any]) -> Run:
     )
 
 
-def to_item(row: Row[Any], status: ItemStatus | None = None) -> Item:
-    """The item of a whole row of lbq_items; `status` in place of the stored one, if given."""
-    m = row._mapping
-    return Item(
-        m["id"],
-        m["run_id"],
-        m["key"],
-        status or ItemStatus(m["status"]),
-        m["payload"],
-        dict(m["outputs"]),
-        m["error"],
-        m["failures"],
-    )
+ITEM_COLUMNS: tuple[Column[Any], ...] = tuple(
+    items.c[name]
+    for name in ("id", "run_id", "key", "status", "payload", "outputs", "error", "failures")
+)
+ITEM_STATUS = 3  # the position of status in ITEM_COLUMNS
+
+
+def to_item(row: AnyRow, status: ItemStatus | None = None) -> Item:
+    """The item of a row of ITEM_COLUMNS (by position, see to_job); `status` in place of the
+    stored one, if given."""
+    id_, run_id, key, stored, payload, outputs, error, failures = row
+    status = status or ItemStatus(stored)
+    return Item(id_, run_id, key, status, payload, dict(outputs), error, failures)
 
 
 # what to_job reads: hot paths select these rather than the whole row (a job row has 24
@@ -121,12 +121,14 @@ def to_job(row: AnyRow, status: JobStatus | None = None) -> Job:
 
 
 def attempt_values(
-    job_id: str, stage: str, item_key: str | None, result: AttemptResult
+    job_id: str, stage: str, item_id: str | None, result: AttemptResult
 ) -> dict[str, Any]:
+    """An attempt row as claims.record_attempts writes it: the item's key is looked up from
+    `item_id` in the same statement."""
     return {
         "job_id": job_id,
         "stage": stage,
-        "item_key": item_key,
+        "item_id": item_id,
         "model": result.model,
         "is_fallback": result.is_fallback,
         "started_at": result.started_at,

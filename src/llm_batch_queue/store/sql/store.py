@@ -64,6 +64,7 @@ from llm_batch_queue.store.sql import (
 )
 from llm_batch_queue.store.sql.engine import WRITE, is_memory_sqlite, make_engine
 from llm_batch_queue.store.sql.rows import (
+    ITEM_COLUMNS,
     JOB_COLUMNS,
     stages_from_json,
     stages_to_json,
@@ -199,7 +200,7 @@ class SQLStore:
     def items(self, run_id: str) -> list[Item]:
         with self._tx() as conn:
             rows = conn.execute(
-                select(items_table)
+                select(*ITEM_COLUMNS)
                 .where(items_table.c.run_id == run_id)
                 .order_by(items_table.c.position)
             ).all()
