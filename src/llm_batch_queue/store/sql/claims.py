@@ -191,7 +191,8 @@ def _candidates_in_context(
     and item (two reads)."""
     item_ids = [job.item_id for job, _ in found if job.item_id is not None]
     dialect = conn.dialect.name
-    item_rows = conn.execute(_items_by_ids(dialect), {"ids": item_ids}) if item_ids else ()
+    # .all(): one fetch of every row, where iterating fetches them one at a time
+    item_rows = conn.execute(_items_by_ids(dialect), {"ids": item_ids}).all() if item_ids else []
     # as they are once claimed: a queued item starts running with its job
     queued, running = ItemStatus.QUEUED.value, ItemStatus.RUNNING
     by_item = {

@@ -90,7 +90,7 @@ def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
     """The items' state without their payloads (which settlement never reads), by id."""
     if not item_ids:
         return {}
-    rows = conn.execute(_item_states_query(conn.dialect.name), {"ids": sorted(item_ids)})
+    rows = conn.execute(_item_states_query(conn.dialect.name), {"ids": sorted(item_ids)}).all()
     return {
         id_: Item(id_, run_id, key, ItemStatus(status), None, outputs or {}, error, failures)
         for id_, run_id, key, status, outputs, error, failures in rows
@@ -188,7 +188,7 @@ def _load_items(
     def read() -> list[tuple[str, JobStatus]]:
         found.clear()
         found.update({i: {} for i in item_ids})
-        for item_id, stage, job_id, status in conn.execute(_siblings_query(dialect), params):
+        for item_id, stage, job_id, status in conn.execute(_siblings_query(dialect), params).all():
             found[item_id][stage] = (job_id, JobStatus(status))
         return [v for stages in found.values() for v in stages.values()]
 
@@ -234,7 +234,7 @@ def _lock_open(
     held: set[str] = set()
     deadline = time.monotonic() + _LOCK_OPEN_TIMEOUT_S
     while True:
-        held |= set(conn.execute(query, params).scalars())
+        held |= set(conn.execute(query, params).scalars().all())
         unheld = [i for i, st in read() if st.value in _OPEN and i not in held]
         if not unheld:
             return

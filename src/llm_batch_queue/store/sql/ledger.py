@@ -61,7 +61,8 @@ def lock_model(conn: Connection, model: str, *, wait: bool = True) -> bool:
 
 
 def usage(conn: Connection, model: str, limits: ModelLimits, now: float) -> Usage:
-    window = conn.execute(_WINDOW, {"model": model, "since": window_slot(now - limits.span_s)})
+    since = window_slot(now - limits.span_s)
+    window = conn.execute(_WINDOW, {"model": model, "since": since}).all()
     flying, today, until = conn.execute(
         _COUNTERS,
         {
