@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,6 +29,7 @@ from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
 from llm_batch_queue.retry import RetryPolicy
 from llm_batch_queue.store import MemoryStore, Store
+from llm_batch_queue.store.base import Claim
 from llm_batch_queue.store.milestones import KINDS
 
 pytestmark = pytest.mark.anyio
@@ -512,3 +515,61 @@ async def test_outputs_postgresql_cannot_store_fail_their_own_job_only(
     assert dispatcher.stats.store_errors == 0
     if not isinstance(store, MemoryStore):
         store.close()
+
+
+# jobs run on long-lived runner tasks (dispatch._Runners): each still behaves as a task of its
+# own would — its own context, and handed back when the dispatcher is cancelled mid-claim
+_current_item: contextvars.ContextVar[str | None] = contextvars.ContextVar("item", default=None)
+
+
+async def test_a_context_variable_one_job_sets_is_not_seen_by_the_next() -> None:
+    seen: list[str | None] = []
+
+    async def handler(ctx: StageContext) -> dict[str, bool]:
+        seen.append(_current_item.get())
+        assert ctx.item is not None
+        _current_item.set(ctx.item.key)  # e.g. structlog's bind_contextvars
+        await anyio.sleep(0)
+        assert _current_item.get() == ctx.item.key  # kept across its own awaits
+        return {}
+
+    store = MemoryStore()
+    pipeline = Pipeline("p", (TaskStage("t", handler),))
+    items = [NewItem(f"i{k}", k) for k in range(4)]
+    store.create_run(pipeline="p", name="n", stages=pipeline.specs, items=items, meta={}, now=0)
+    settings = DispatcherSettings(concurrency=1)  # one runner takes every job in turn
+    await Dispatcher(store, pipeline, settings=settings).run_until_idle()
+    assert seen == [None] * 4
+
+
+class _CancelsOnSecondClaim(MemoryStore):
+    scope: anyio.CancelScope | None = None
+    claims = 0
+
+    def claim_work(self, **kwargs: Any) -> Claim:
+        self.claims += 1
+        claim = super().claim_work(**kwargs)
+        if self.claims == 2 and claim.jobs:  # the only runner is idle, waiting for this job
+            assert self.scope is not None
+            anyio.from_thread.run_sync(self.scope.cancel)  # e.g. a second SIGTERM
+        return claim
+
+
+async def test_jobs_claimed_as_the_dispatcher_is_cancelled_are_handed_back() -> None:
+    async def quick(ctx: StageContext) -> dict[str, bool]:
+        await anyio.sleep(0)
+        return {"ok": True}
+
+    store = _CancelsOnSecondClaim()
+    pipeline = Pipeline("p", (TaskStage("t", quick),))
+    items = [NewItem(f"i{k}", k) for k in range(3)]
+    run = store.create_run(
+        pipeline="p", name="n", stages=pipeline.specs, items=items, meta={}, now=0
+    )
+    settings = DispatcherSettings(concurrency=1, claim_batch=1, store_in_thread=True)
+    with anyio.CancelScope() as scope:
+        store.scope = scope
+        await Dispatcher(store, pipeline, settings=settings).run_until_idle()
+    statuses = sorted((j.status.value, j.last_error or "") for j in store.jobs(run.id))
+    # the claimed job was released at once, not left running until its lease expires
+    assert statuses == [("ready", ""), ("ready", "dispatcher stopped"), ("succeeded", "")]

@@ -155,7 +155,7 @@ def test_the_dispatcher_carries_on_through_dropped_database_connections(
     """Every connection of the test's database is killed again and again mid-run (what a
     PostgreSQL restart does to its clients): the run completes, each side effect happens once."""
     monkeypatch.setenv("LBQ_TEST_EFFECTS", str(tmp_path / "effects.txt"))
-    monkeypatch.setenv("LBQ_TEST_LATENCY_S", "0.05")
+    monkeypatch.setenv("LBQ_TEST_LATENCY_S", "0.15")  # long enough for several kills
     store = open_store(pg_url)
     assert isinstance(store, SQLStore)
     keys = [f"k{i:02d}" for i in range(40)]

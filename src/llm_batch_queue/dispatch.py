@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -21,7 +22,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -158,23 +159,26 @@ class _Pending:
 class _Runners:
     """Tasks that run claimed jobs one after another, as many as there are jobs in flight:
     anyio's bookkeeping for a new task (a cancel scope, an event, a wrapper coroutine) cost
-    ~45 µs a job, handing a job to a waiting task a few."""
+    ~45 µs a job, handing a job to a waiting task a few. Each job still runs in a copy of the
+    context it was handed in, as a task of its own would (see _InContext)."""
 
-    def __init__(self, tg: anyio.abc.TaskGroup, run: Callable[[ClaimedJob], Awaitable[None]]):
+    def __init__(
+        self, tg: anyio.abc.TaskGroup, run: Callable[[ClaimedJob], Coroutine[Any, Any, None]]
+    ):
         self._tg, self._run = tg, run
-        self._queue: collections.deque[ClaimedJob] = collections.deque()
+        self._queue: collections.deque[tuple[ClaimedJob, contextvars.Context]] = collections.deque()
         self._idle: list[anyio.Event] = []  # one per runner waiting for a job
-        self._started = 0
+        self._runners = 0
         self._closed = False
 
     def hand(self, job: ClaimedJob, in_flight: int) -> None:
         """Queue `job`; `in_flight` counts it. A runner ends a job before it takes the next,
         so one runner per job in flight means no job waits for a runner."""
-        self._queue.append(job)
+        self._queue.append((job, contextvars.copy_context()))
         if self._idle:
             self._idle.pop().set()
-        while self._started < in_flight:
-            self._started += 1
+        while self._runners < in_flight:
+            self._runners += 1
             self._tg.start_soon(self._serve)
 
     def close(self) -> None:
@@ -184,15 +188,49 @@ class _Runners:
             idle.set()
 
     async def _serve(self) -> None:
+        try:
+            while True:
+                if self._queue:
+                    job, context = self._queue.popleft()
+                    await _InContext(self._run(job), context)
+                elif self._closed:
+                    return
+                else:
+                    wake = anyio.Event()
+                    self._idle.append(wake)
+                    try:
+                        await wake.wait()
+                    finally:
+                        if wake in self._idle:  # cancelled while idle
+                            self._idle.remove(wake)
+        finally:
+            # a job handed after this runner was cancelled gets a runner of its own (which,
+            # cancelled at once, hands the job back: Dispatcher._run_job)
+            self._runners -= 1
+
+
+class _InContext:
+    """Await `coro` with each of its steps run in `context`: what a task of its own would do
+    (a ContextVar a job sets stays with that job), inside the runner's task, so its cancel
+    scopes and shields work as in any other code of that task."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], context: contextvars.Context):
+        self._coro, self._context = coro, context
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        run, send, throw = self._context.run, self._coro.send, self._coro.throw
+        value: Any = None
+        error: BaseException | None = None
         while True:
-            if self._queue:
-                await self._run(self._queue.popleft())
-            elif self._closed:
+            try:
+                step = run(send, value) if error is None else run(throw, error)
+            except StopIteration:
                 return
-            else:
-                wake = anyio.Event()
-                self._idle.append(wake)
-                await wake.wait()
+            value, error = None, None
+            try:
+                value = yield step
+            except BaseException as exc:  # a cancellation, most often: it is the job's
+                error = exc
 
 
 class Dispatcher:

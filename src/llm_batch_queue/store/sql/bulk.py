@@ -56,6 +56,8 @@ def update_rows(
 def _update(
     dialect: str, table: Table, names: tuple[str, ...], key: str, fixed: tuple[str, ...]
 ) -> Update:
+    if overlap := set(names) & set(fixed):
+        raise ValueError(f"columns given both per row and as constants: {sorted(overlap)}")
     sets: dict[str, Any] = {n: bindparam(f"c_{n}", type_=table.c[n].type) for n in fixed}
     if dialect == "postgresql":
         v = _recordset(table, names)

@@ -222,7 +222,8 @@ def _lock_open(
     params: Mapping[str, Any],
     read: Callable[[], Collection[tuple[str, JobStatus]]],
 ) -> None:
-    """Lock the open jobs matching `where`, then `read` their state, never waiting for a row.
+    """Lock the open jobs `query` selects (built by _open_query, bound with `params`), then
+    `read` their state, never waiting for a row.
 
     The caller holds the run lock. A plain FOR UPDATE could deadlock: a job still ready in
     this statement's snapshot may have been claimed since, and the finish of it lock its row
