@@ -437,7 +437,6 @@ def _job_row(
         "run_id": run_id,
         "pipeline": pipeline,
         "item_id": item_id,
-        "scope_key": item_id or "",
         "stage": spec.name,
         "status": initial_status(spec).value,
         "priority": spec.priority,
