@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llm_batch_queue._frozen import fast_init
 
+
+@fast_init
 @dataclass(frozen=True, slots=True)
 class JobClaimed:
     job_id: str
@@ -15,6 +18,7 @@ class JobClaimed:
     reclaimed: bool
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallSucceeded:
     job_id: str
@@ -26,6 +30,7 @@ class CallSucceeded:
     latency_s: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallFailed:
     job_id: str
@@ -38,6 +43,7 @@ class CallFailed:
     retry_at: float | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FellBack:
     job_id: str
@@ -47,6 +53,7 @@ class FellBack:
     reason: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Deferred:
     """No quota now: the job went back unrun, to be claimed again at `until`."""
@@ -58,12 +65,14 @@ class Deferred:
     until: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LeaseLost:
     job_id: str
     stage: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class JobCrashed:
     """An unexpected error that could not be recorded; the job waits for its lease to expire."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from llm_batch_queue._frozen import fast_init
+
 JSON = Any  # a value json.dumps accepts
 
 
@@ -58,6 +60,7 @@ class NewItem:
     payload: JSON
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Run:
     id: str
@@ -72,6 +75,7 @@ class Run:
     purged_at: float | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Item:
     id: str
@@ -84,6 +88,7 @@ class Item:
     failures: int  # times this item ended needing re-upload
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Job:
     id: str
@@ -105,6 +110,7 @@ class Job:
     fair_key: float = 0.0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Lease:
     job_id: str
@@ -112,6 +118,7 @@ class Lease:
     expires_at: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """One booked request: counted in the window from `slot`'s end and in the provider day
@@ -125,6 +132,7 @@ class Reservation:
     day_tz: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
     job: Job
@@ -135,6 +143,7 @@ class ClaimedJob:
     reservation: Reservation | None = None  # made in the claim's transaction (Store.claim_work)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
     """What one attempt did, recorded on completion or failure."""
@@ -152,6 +161,7 @@ class AttemptResult:
     counted: bool = True  # False for 429s and lease deferrals: they burn no retries
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Attempt:
     id: int
@@ -161,6 +171,7 @@ class Attempt:
     result: AttemptResult
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Retry:
     at: float
@@ -169,6 +180,7 @@ class Retry:
     counted: bool = True  # does this failure use up one of the job's attempts?
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     reason: str

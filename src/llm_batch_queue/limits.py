@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from llm_batch_queue._frozen import fast_init
 from llm_batch_queue.errors import ConfigError, RequestTooLarge
 
 GEMINI_DAY_TZ = "America/Los_Angeles"  # Gemini resets requests-per-day at midnight Pacific
@@ -55,6 +56,7 @@ class ModelLimits:
         return self.window_s + self.window_margin_s
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class WindowEntry:
     """`requests` bookings holding `tokens` input tokens in all, counted in the window from `at`."""
@@ -83,6 +85,7 @@ def slot_time(slot: int) -> float:
     return slot / SLOTS_PER_S
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Usage:
     """The model's bookings that matter for a decision at `now`."""
@@ -93,11 +96,13 @@ class Usage:
     blocked_until: float = 0.0  # provider cool-down or daily park
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Admit:
     pass
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Deny:
     retry_at: float

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
+from llm_batch_queue._frozen import fast_init
 from llm_batch_queue.adapters.base import JSONSchema, ModelResponse
 from llm_batch_queue.errors import ConfigError, InvalidOutput
 from llm_batch_queue.jobs import JSON, Item, Lease, Run, Scope, StageSpec
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """What a model stage sends; the model and token budget come from the stage."""
@@ -21,6 +23,7 @@ class Prompt:
     system: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StageContext:
     """Everything a stage handler may read. Outputs are those of earlier stages of this item."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from llm_batch_queue._frozen import fast_init
 from llm_batch_queue.errors import (
     CallError,
     ConfigError,
@@ -38,6 +39,7 @@ class RetryPolicy:
         return float(delay * (1 - self.jitter) + delay * self.jitter * rng.random())
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ModelBlock:
     """Tells every dispatcher to keep off a model until `until` (shared through the Store)."""
@@ -47,6 +49,7 @@ class ModelBlock:
     reason: str  # cooldown | day | not_found
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     outcome: Outcome

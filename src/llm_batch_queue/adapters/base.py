@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from llm_batch_queue._frozen import fast_init
+
 JSONSchema = dict[str, Any]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
     """What a stage asks of a model. `output_schema` is a JSON Schema for structured output."""
@@ -21,6 +24,7 @@ class ModelRequest:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Tokens as the provider counted them (input is what TPM limits count)."""
@@ -34,6 +38,7 @@ class Usage:
         return self.input_tokens + self.output_tokens + self.thinking_tokens
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ModelResponse:
     text: str

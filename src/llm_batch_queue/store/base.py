@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llm_batch_queue._frozen import fast_init
 from llm_batch_queue.jobs import (
     JSON,
     Attempt,
@@ -31,6 +32,7 @@ from llm_batch_queue.retry import ModelBlock
 from llm_batch_queue.summary import RunSummary
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ModelState:
     model: str
@@ -39,6 +41,7 @@ class ModelState:
 
 
 # claiming with reservations ---------------------------------------------------------------------
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Booking:
     """What a claim must reserve for a job before handing it out: one request of `tokens`."""
@@ -48,6 +51,7 @@ class Booking:
     tokens: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Postpone:
     """Leave the job unclaimed until `at` (no attempt counted): e.g. its models are parked."""
@@ -62,6 +66,7 @@ of the models' current blocks: a Booking to reserve (the job is handed out only 
 admitted), a Postpone, or None (nothing to reserve). It must not call the store."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Denied:
     """A job left unclaimed because its model's quota said no."""
@@ -78,6 +83,7 @@ class Claim:
 
 
 # finishing in batches -----------------------------------------------------------------------
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Used:
     """What a reserved call really used: the provider's input-token count, and when the request
@@ -89,6 +95,7 @@ class Used:
     sent: bool = True
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Completion:
     lease: Lease
@@ -97,6 +104,7 @@ class Completion:
     used: Used | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Failure:
     lease: Lease
@@ -106,6 +114,7 @@ class Failure:
     block: ModelBlock | None = None  # keep every dispatcher off the model (a 429, a 404)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Release:
     lease: Lease
