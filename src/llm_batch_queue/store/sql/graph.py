@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -182,63 +182,55 @@ def _load_items(
     conn: Connection, item_ids: list[str]
 ) -> dict[str, dict[str, tuple[str, JobStatus]]]:
     """Per item: stage -> (job id, status), in creation order; its open jobs locked."""
-    found: dict[str, dict[str, tuple[str, JobStatus]]] = {}
-    dialect, params = conn.dialect.name, {"ids": item_ids}
-
-    def read() -> list[tuple[str, JobStatus]]:
-        found.clear()
-        found.update({i: {} for i in item_ids})
-        for item_id, stage, job_id, status in conn.execute(_siblings_query(dialect), params).all():
-            found[item_id][stage] = (job_id, JobStatus(status))
-        return [v for stages in found.values() for v in stages.values()]
-
-    _lock_open(conn, _open_of_items_query(dialect), params, read)
+    found: dict[str, dict[str, tuple[str, JobStatus]]] = {i: {} for i in item_ids}
+    rows = _lock_open(conn, _siblings_query(conn.dialect.name), {"ids": item_ids})
+    for item_id, stage, job_id, status, _ in rows:
+        found[item_id][stage] = (job_id, JobStatus(status))
     return found
 
 
 @functools.cache
 def _siblings_query(dialect: str) -> Select[Any]:
+    return _locking_read(bulk.in_param(dialect, jobs.c.item_id, "ids"))
+
+
+def _locking_read(where: ColumnElement[bool]) -> Select[Any]:
+    """(item_id, stage, id, status, held) of the jobs matching `where`, in creation order,
+    locking the open ones no one else holds (held: this transaction holds the row's lock)."""
+    open_ = (
+        select(jobs.c.id)
+        .where(where, bulk.one_of(jobs.c.status, _OPEN))
+        .order_by(jobs.c.id)
+        .with_for_update(skip_locked=True)
+        .subquery()
+    )
+    held = open_.c.id.is_not(None)
     return (
-        select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status)
-        .where(bulk.in_param(dialect, jobs.c.item_id, "ids"))
+        select(jobs.c.item_id, jobs.c.stage, jobs.c.id, jobs.c.status, held)
+        .select_from(jobs.outerjoin(open_, open_.c.id == jobs.c.id))
+        .where(where)
         .order_by(jobs.c.position)
     )
 
 
-@functools.cache
-def _open_of_items_query(dialect: str) -> Select[Any]:
-    return _open_query(bulk.in_param(dialect, jobs.c.item_id, "ids"))
-
-
-def _open_query(where: ColumnElement[bool]) -> Select[Any]:
-    """The ids of the open jobs matching `where`, locking those no one else holds."""
-    query = select(jobs.c.id).where(where, bulk.one_of(jobs.c.status, _OPEN))
-    return query.order_by(jobs.c.id).with_for_update(skip_locked=True)
-
-
-def _lock_open(
-    conn: Connection,
-    query: Select[Any],
-    params: Mapping[str, Any],
-    read: Callable[[], Collection[tuple[str, JobStatus]]],
-) -> None:
-    """Lock the open jobs `query` selects (built by _open_query, bound with `params`), then
-    `read` their state, never waiting for a row.
+def _lock_open(conn: Connection, query: Select[Any], params: Mapping[str, Any]) -> Sequence[Any]:
+    """Run a `_locking_read` until it holds every open job it reads, never waiting for a row;
+    its rows.
 
     The caller holds the run lock. A plain FOR UPDATE could deadlock: a job still ready in
     this statement's snapshot may have been claimed since, and the finish of it lock its row
     and wait for our run lock; PostgreSQL would make us wait for that finish (EvalPlanQual
-    follows the row to its newest version). So: lock what is free (SKIP LOCKED), read afresh,
-    and for an open job someone else holds — a claim in progress, which waits for nothing we
-    hold — try again in a moment. A job claimed meanwhile reads as running and needs no lock.
+    follows the row to its newest version). So open jobs are locked only if free (SKIP
+    LOCKED), and for one someone else holds — a claim in progress, which waits for nothing we
+    hold — the read is tried again in a moment. A job claimed meanwhile reads as running and
+    needs no lock. One statement both reads the jobs and locks the open ones.
     """
-    held: set[str] = set()
     deadline = time.monotonic() + _LOCK_OPEN_TIMEOUT_S
     while True:
-        held |= set(conn.execute(query, params).scalars().all())
-        unheld = [i for i, st in read() if st.value in _OPEN and i not in held]
+        rows = conn.execute(query, params).all()
+        unheld = [r[2] for r in rows if r[3] in _OPEN and not r[4]]
         if not unheld:
-            return
+            return rows
         if time.monotonic() > deadline:
             raise TimeoutError(f"open jobs {unheld} stayed locked by another transaction")
         time.sleep(0.005)
@@ -328,18 +320,8 @@ def restart_item(conn: Connection, item_id: str, spec: RunSpec, now: float) -> I
 
 def _load(conn: Connection, where: ColumnElement[bool]) -> dict[str, tuple[str, JobStatus]]:
     """Stage -> (job id, status), in creation order; open jobs locked (see _lock_open)."""
-    found: dict[str, tuple[str, JobStatus]] = {}
-
-    def read() -> list[tuple[str, JobStatus]]:
-        rows = conn.execute(
-            select(jobs.c.stage, jobs.c.id, jobs.c.status).where(where).order_by(jobs.c.position)
-        )
-        found.clear()
-        found.update({stage: (job_id, JobStatus(status)) for stage, job_id, status in rows})
-        return list(found.values())
-
-    _lock_open(conn, _open_query(where), {}, read)
-    return found
+    rows = _lock_open(conn, _locking_read(where), {})
+    return {stage: (job_id, JobStatus(status)) for _, stage, job_id, status, _ in rows}
 
 
 def _apply(
