@@ -33,7 +33,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start, slot_time
 from llm_batch_queue.store import Reservation, Store
-from llm_batch_queue.store.base import Purge
+from llm_batch_queue.store.base import Booking, Claim, ModelState, Purge
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
 from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
 from llm_batch_queue.summary import ModelPrice
@@ -189,6 +189,34 @@ class StoreContract:
         assert [c.job.stage for c in rest] == ["low", "low"]
         assert store.claim(worker="w", now=T0 + 1, limit=5, lease_s=LEASE_S) == []
         assert {i.status for i in store.items(run.id)} == {ItemStatus.RUNNING}
+
+    def test_jobs_whose_booking_is_denied_stay_ready_and_their_items_queued(
+        self, store: Store
+    ) -> None:
+        run = new_run(store, keys=("a", "b", "c"), stages=ONLY)
+        one_a_minute = ModelLimits(rpm=1, window_margin_s=0.0)
+
+        def plan(_c: ClaimedJob, _state: Callable[[str], ModelState]) -> Booking:
+            return Booking("m", one_a_minute, 10)
+
+        def claim(now: float) -> Claim:
+            # a long lease: "a" is still running when the next slot frees up
+            return store.claim_work(worker="w", now=now, limit=3, lease_s=600.0, plan=plan)
+
+        first = claim(T0)
+        assert [c.item.key for c in first.jobs if c.item] == ["a"]
+        assert [d.deny.reason for d in first.denied] == ["rpm"]  # then the model is spent
+        status = {i.key: i.status for i in store.items(run.id)}
+        assert status == {"a": ItemStatus.RUNNING, "b": ItemStatus.QUEUED, "c": ItemStatus.QUEUED}
+        jobs = sorted(j.status.value for j in store.jobs(run.id))
+        assert jobs == ["ready", "ready", "running"]
+        assert claim(T0 + 1).jobs == []  # still denied, and still as they were
+        assert sorted(j.status.value for j in store.jobs(run.id)) == jobs
+        second = claim(T0 + 61)  # a minute on: the next one goes
+        assert [c.item.key for c in second.jobs if c.item] == ["b"]
+        assert second.jobs[0].item is not None
+        assert second.jobs[0].item.status is ItemStatus.RUNNING
+        assert {i.key: i.status for i in store.items(run.id)}["c"] is ItemStatus.QUEUED
 
     def test_claim_filters_by_stage(self, store: Store) -> None:
         run = new_run(store)
