@@ -93,12 +93,6 @@ def claim_work(
     spent: set[str] = set()  # models denied with no room left: their jobs stay as they are
     considered = 0
     first_round = True
-    # leased before any model lock is taken (those of the round's first `room` candidates the
-    # plan would hand out): every claim and finish of a model waits for its lock, so it is held
-    # only from the booking to the commit, not across the batch's row writes
-    early: set[str] = set()
-    early_items: set[str] = set()
-    queued: set[str] = set()  # items that were queued when read (a lease made them running)
     while len(claim.jobs) < limit and considered < budget:
         rows = _candidate_rows(conn, now, stages, pipeline, seen, budget - considered)
         if not rows:
@@ -118,22 +112,13 @@ def claim_work(
                     seen |= released
                     break  # the rest of this batch may have been cancelled: query again
             found.append((job, reclaimed))
-        candidates = _candidates_in_context(conn, found, worker, now, lease_s, queued)
+        candidates = _candidates_in_context(conn, found, worker, now, lease_s)
 
         def state(model: str) -> ModelState:
             until, reason = blocks.get(model, (0.0, ""))
             return ModelState(model, until, reason) if until > now else ModelState(model, 0.0, None)
 
         wanted = [plan(c, state) for c in candidates]
-        room = limit - len(claim.jobs)
-        handed = [
-            c
-            for c, w in zip(candidates, wanted, strict=True)
-            if not isinstance(w, Postpone) and not (isinstance(w, Booking) and w.model in spent)
-        ][:room]
-        _write_leases(conn, handed, worker, now)
-        early |= {c.job.id for c in handed}
-        early_items |= {c.job.item_id for c in handed if c.job.item_id is not None}
         first_models = sorted({w.model for w in wanted if isinstance(w, Booking)} - locked)
         for model in first_models:
             # in name order, and only in the first round (later ones add locks only if free):
@@ -156,13 +141,11 @@ def claim_work(
                 else:
                     spent.add(outcome.model)
             if isinstance(outcome, Denied | Postpone | _Skip):
-                _unclaimed(conn, candidate, outcome, now, candidate.job.id in early)
+                _unclaimed(conn, candidate, outcome, now)
                 continue
             c = candidate
             claim.jobs.append(ClaimedJob(c.job, c.lease, c.run, c.item, c.reclaimed, outcome))
-    # those handed out after a denial made room for them, under the model lock (rare)
-    _write_leases(conn, [c for c in claim.jobs if c.job.id not in early], worker, now)
-    _requeue(conn, (early_items & queued) - {c.job.item_id for c in claim.jobs})
+    _write_leases(conn, claim.jobs, worker, now)
     bookings.write()
     return claim
 
@@ -202,24 +185,19 @@ def _book(
 
 
 def _candidates_in_context(
-    conn: Connection,
-    found: list[tuple[Job, bool]],
-    worker: str,
-    now: float,
-    lease_s: float,
-    queued: set[str],
+    conn: Connection, found: list[tuple[Job, bool]], worker: str, now: float, lease_s: float
 ) -> list[ClaimedJob]:
     """The jobs (already marked RUNNING) as they would be handed out: leased, with their run
-    and item (two reads). Adds to `queued` the items read as queued."""
+    and item (two reads)."""
     item_ids = [job.item_id for job, _ in found if job.item_id is not None]
     dialect = conn.dialect.name
     # .all(): one fetch of every row, where iterating fetches them one at a time
     item_rows = conn.execute(_items_by_ids(dialect), {"ids": item_ids}).all() if item_ids else []
     # as they are once claimed: a queued item starts running with its job
-    was_queued = {row[0] for row in item_rows if row[ITEM_STATUS] == ItemStatus.QUEUED.value}
-    queued |= was_queued
-    running = ItemStatus.RUNNING
-    by_item = {row[0]: to_item(row, running if row[0] in was_queued else None) for row in item_rows}
+    queued, running = ItemStatus.QUEUED.value, ItemStatus.RUNNING
+    by_item = {
+        row[0]: to_item(row, running if row[ITEM_STATUS] == queued else None) for row in item_rows
+    }
     run_ids = list({job.run_id for job, _ in found})
     by_run = (
         {row.id: to_run(row) for row in conn.execute(_runs_by_ids(dialect), {"ids": run_ids})}
@@ -242,20 +220,15 @@ def _candidates_in_context(
 
 
 def _unclaimed(
-    conn: Connection,
-    candidate: ClaimedJob,
-    why: Denied | Postpone | _Skip,
-    now: float,
-    leased: bool,
+    conn: Connection, candidate: ClaimedJob, why: Denied | Postpone | _Skip, now: float
 ) -> None:
-    """A job not handed out stays as it was (a lease written for it undone), except: a
-    postponed one waits until then, and a reclaimed one (whose expiry was counted) is READY
-    again."""
+    """A job not handed out stays as it was, except: a postponed one waits until then, and a
+    reclaimed one (whose expiry was counted) is READY again."""
     job = candidate.job
     values: dict[str, Any] = {"last_error": job.last_error}
     if isinstance(why, Postpone):
         values = {"next_run_at": why.at, "last_error": why.reason}
-    elif not (candidate.reclaimed or leased):
+    elif not candidate.reclaimed:
         return
     conn.execute(
         update(jobs)
@@ -289,14 +262,7 @@ def _write_leases(conn: Connection, claimed: list[ClaimedJob], worker: str, now:
     if item_ids:
         # SKIP LOCKED: this transaction holds model locks, which a finish holding an item row
         # may be waiting for; such an item is being settled, so it is no longer queued anyway
-        conn.execute(_items_set(conn.dialect.name, False), {"ids": item_ids})
-
-
-def _requeue(conn: Connection, item_ids: set[str]) -> None:
-    """Items a lease made running whose job was not handed out after all: queued again.
-    SKIP LOCKED, as in _write_leases: a row this transaction did not lock is another's."""
-    if item_ids:
-        conn.execute(_items_set(conn.dialect.name, True), {"ids": sorted(item_ids)})
+        conn.execute(_items_running(conn.dialect.name), {"ids": item_ids})
 
 
 @functools.cache
@@ -310,18 +276,17 @@ def _runs_by_ids(dialect: str) -> Select[Any]:
 
 
 @functools.cache
-def _items_set(dialect: str, back: bool) -> Update:
-    """Queued items (bound as `ids`) to running, or with `back` running ones to queued: those
-    no other transaction has locked."""
-    was, now = ItemStatus.QUEUED.value, ItemStatus.RUNNING.value
-    if back:
-        was, now = now, was
-    free = (
+def _items_running(dialect: str) -> Update:
+    queued = (
         select(items.c.id)
-        .where(bulk.in_param(dialect, items.c.id, "ids"), items.c.status == was)
+        .where(bulk.in_param(dialect, items.c.id, "ids"), items.c.status == ItemStatus.QUEUED.value)
         .with_for_update(skip_locked=True)
     )
-    return update(items).where(items.c.id.in_(free.scalar_subquery())).values(status=now)
+    return (
+        update(items)
+        .where(items.c.id.in_(queued.scalar_subquery()))
+        .values(status=ItemStatus.RUNNING.value)
+    )
 
 
 def _candidate_rows(
