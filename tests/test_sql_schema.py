@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from llm_batch_queue.limits import Deny, ModelLimits, window_slot
 from llm_batch_queue.store import MemoryStore
@@ -50,6 +50,45 @@ def test_migrations_produce_exactly_the_declared_tables(sql_url: str) -> None:
             assert current(conn) == head()
     finally:
         store.close()
+
+
+def _index_definitions(conn: Connection, schema: str | None = None) -> dict[str, str]:
+    """Every index of our tables as the database itself would create it."""
+    if conn.dialect.name == "sqlite":
+        query = "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        rows = conn.execute(text(query)).all()
+    else:
+        schema = schema or "public"
+        query = "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = :schema"
+        rows = conn.execute(text(query), {"schema": schema}).all()
+    return {
+        name: definition.replace(f" {schema}.", " ") if schema else definition
+        for name, definition in rows
+        if name.startswith(("ix_lbq", "uq_lbq", "pk_lbq"))
+    }
+
+
+def test_migrated_indexes_are_exactly_those_tables_py_creates(sql_url: str, tmp_path: Path) -> None:
+    # compare_metadata sees neither an index's column directions nor its predicate: SQLite's
+    # batch rebuilds (0008) once recreated the claim order without DESC
+    SQLStore(sql_url).close()
+    engine = make_engine(sql_url)
+    try:
+        with engine.begin() as conn:
+            migrated = _index_definitions(conn)
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("CREATE SCHEMA declared"))
+                metadata.create_all(conn.execution_options(schema_translate_map={None: "declared"}))
+                declared = _index_definitions(conn, "declared")
+        if engine.dialect.name == "sqlite":
+            reference = make_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+            metadata.create_all(reference)
+            with reference.connect() as conn:
+                declared = _index_definitions(conn)
+            reference.dispose()
+    finally:
+        engine.dispose()
+    assert migrated and migrated == declared
 
 
 def test_migrating_is_idempotent_and_leaves_app_tables_alone(sql_url: str) -> None:

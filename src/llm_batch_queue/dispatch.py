@@ -555,9 +555,9 @@ class Dispatcher:
 
     async def _watchdog(self) -> None:
         """Cancel the jobs that have run past job_timeout_s, within a quarter of it (at most a
-        second) after their deadline. One sweep over the jobs in flight now and then: a
-        deadline on each job's own cancel scope cost a timer per job (~8 % of a no-op job)."""
-        period = min(1.0, self.settings.job_timeout_s / 4)
+        second, at least 50 ms) after their deadline. One sweep over the jobs in flight now and
+        then: a deadline on each job's cancel scope cost a timer per job (~8 % of a no-op job)."""
+        period = min(1.0, max(0.05, self.settings.job_timeout_s / 4))
         while True:
             await anyio.sleep(period)
             now = anyio.current_time()

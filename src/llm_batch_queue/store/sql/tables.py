@@ -86,6 +86,8 @@ jobs = Table(
     # NULL for run-scope jobs. One job per item (or run) and stage: create_run, the only
     # writer of jobs, makes them so; a unique index would check it again on every status change
     Column("item_id", Id, ForeignKey("lbq_items.id", ondelete="CASCADE")),
+    # read by nothing: the unique index's key until migration 0008, written by earlier workers
+    Column("scope_key", Id),
     Column("position", Integer, nullable=False),
     # the run's pipeline, copied so a dispatcher claims only jobs its pipeline can run
     Column("pipeline", String(200), nullable=False),
