@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,28 @@ async def test_a_hung_task_times_out_and_is_retried_as_transient() -> None:
         store.items(run.id)[0].error
         == "t: gave up after 1 attempts: stage did not finish within 0.2 s"
     )
+
+
+@pytest.mark.parametrize("share", [0.9, 1.0, 1.05])
+async def test_a_task_ending_about_its_time_limit_is_recorded_once(share: float) -> None:
+    # the watchdog and the job's own finish race here: one attempt each, whichever wins
+    store = MemoryStore()
+
+    async def near(ctx: StageContext) -> str:
+        await anyio.sleep(0.2 * share)
+        return "ok"
+
+    pipeline = Pipeline("near", (TaskStage("t", near, max_attempts=1),))
+    items = [NewItem(str(i), i) for i in range(20)]
+    run = store.create_run(
+        pipeline="near", name="n", stages=pipeline.specs, items=items, meta={}, now=0.0
+    )
+    dispatcher = Dispatcher(store, pipeline, settings=DispatcherSettings(job_timeout_s=0.2))
+    with anyio.fail_after(20):
+        await dispatcher.run_until_idle()
+    per_job = Counter(a.job_id for a in store.attempts(run.id))
+    assert len(per_job) == 20 and set(per_job.values()) == {1}
+    assert all(j.status.settled for j in store.jobs(run.id))
 
 
 async def test_stopping_the_dispatcher_hands_in_flight_jobs_back() -> None:
