@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextvars
 import json
+import threading
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
 from llm_batch_queue.retry import RetryPolicy
 from llm_batch_queue.store import MemoryStore, Store
-from llm_batch_queue.store.base import Claim
+from llm_batch_queue.store.base import Claim, Finish
 from llm_batch_queue.store.milestones import KINDS
 
 pytestmark = pytest.mark.anyio
@@ -375,6 +377,39 @@ async def test_a_task_ending_about_its_time_limit_is_recorded_once(share: float)
     assert all(j.status.settled for j in store.jobs(run.id))
 
 
+def test_stopping_while_finishes_wait_for_an_unreachable_store_does_not_hang() -> None:
+    # found by a new user's Ctrl-C: the flusher, cancelled while it waited to retry a batch,
+    # left that batch's jobs waiting (shielded) for it forever. In a thread of its own, so a
+    # hang fails the test instead of hanging it
+    class Unreachable(MemoryStore):
+        def finish(self, batch: Sequence[Finish], now: float) -> list[bool]:
+            raise ConnectionError("the database is restarting")
+
+    async def noop(ctx: StageContext) -> str:
+        return "ok"
+
+    store = Unreachable()
+    pipeline = Pipeline("down", (TaskStage("t", noop),))
+    store.create_run(
+        pipeline="down", name="n", stages=pipeline.specs,
+        items=[NewItem(str(i), i) for i in range(3)], meta={}, now=0.0,
+    )  # fmt: skip
+    dispatcher = Dispatcher(store, pipeline, settings=DispatcherSettings(store_retry_s=60))
+
+    async def stop_while_retrying() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatcher.run_until_idle)
+            while dispatcher.stats.store_errors < 2:  # the flusher is retrying
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    thread = threading.Thread(target=anyio.run, args=(stop_while_retrying,), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the dispatcher did not stop"
+    assert dispatcher.stats.succeeded == 0
+
+
 async def test_stopping_the_dispatcher_hands_in_flight_jobs_back() -> None:
     store = MemoryStore()
     started = anyio.Event()
@@ -475,9 +510,12 @@ async def test_an_output_that_is_not_json_fails_its_job_at_once(where: str, tmp_
         pipeline="odd", name="n", stages=pipeline.specs,
         items=[NewItem("bad", 1), NewItem("good", 2)], meta={}, now=0.0,
     )  # fmt: skip
-    with anyio.fail_after(20):
-        await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
-    items = {i.key: i for i in store.items(run.id)}
+    try:
+        with anyio.fail_after(20):
+            await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
+        items = {i.key: i for i in store.items(run.id)}
+    finally:
+        store.close()
     assert items["good"].status is ItemStatus.COMPLETED
     assert items["bad"].status is ItemStatus.NEEDS_REUPLOAD
     assert "cannot be stored as JSON" in (items["bad"].error or "")
@@ -524,9 +562,12 @@ async def test_outputs_postgresql_cannot_store_fail_their_own_job_only(
     dispatcher = Dispatcher(
         store, pipeline, adapter, clock=FakeClock(), settings=DispatcherSettings(concurrency=8)
     )
-    with anyio.fail_after(30):
-        await dispatcher.run_until_idle()
-    items = {i.key: i for i in store.items(run.id)}
+    try:
+        with anyio.fail_after(30):
+            await dispatcher.run_until_idle()
+        items = {i.key: i for i in store.items(run.id)}
+    finally:
+        store.close()
     assert {k: i.status for k, i in items.items()} == {
         "nan": ItemStatus.NEEDS_REUPLOAD,
         "nul": ItemStatus.NEEDS_REUPLOAD,

@@ -496,7 +496,15 @@ class Dispatcher:
         while self._pending:
             batch, self._pending = self._pending, []
             self._batch_written = None
-            held = await self._write([p.finish for p in batch])
+            try:
+                held = await self._write([p.finish for p in batch])
+            except BaseException:
+                # cancelled (the dispatcher is stopping) before the batch was written, or known
+                # not to be: its jobs wait for it, shielded, and must hear of it
+                for p in batch:
+                    p.error = RuntimeError("the dispatcher stopped before this was recorded")
+                batch[0].written.set()
+                raise
             if isinstance(held, Exception):
                 for p in batch:
                     p.error = held
