@@ -379,3 +379,12 @@ def test_app_cli_limits_flag(
         "error: limits JSON text: model 'm', key 'rpm': expected a positive integer"
     )
     assert not (tmp_path / "elevra.db").exists()
+
+
+def test_help_does_not_print_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    monkeypatch.setenv("GEMINI_API_KEY", "secret-in-the-environment")
+    assert "secret-in-the-environment" not in str(inspect.signature(limits_from_env))
+    monkeypatch.setenv("LBQ_LIMITS", '{"m": {"rpm": 5}}')
+    assert limits_from_env()["m"].rpm == 5  # os.environ, read when called

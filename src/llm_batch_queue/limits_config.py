@@ -56,13 +56,15 @@ def load_limits(source: str | os.PathLike[str]) -> dict[str, ModelLimits]:
 
 
 def limits_from_env(
-    env: Mapping[str, str] = os.environ, var: str = ENV_VAR
+    env: Mapping[str, str] | None = None, var: str = ENV_VAR
 ) -> dict[str, ModelLimits]:
-    """Limits from the variable `var`: JSON text or the path of a .json/.toml file.
+    """Limits from the variable `var` of `env` (default: os.environ): JSON text or the path of a
+    .json/.toml file.
 
     Unset or blank gives {}. Errors name the variable as well as the file, model and key.
     """
-    value = env.get(var, "")
+    # not a default argument: help() and API docs would print the whole environment, secrets too
+    value = (os.environ if env is None else env).get(var, "")
     if not value.strip():
         return {}
     return _load(value, var)
