@@ -145,9 +145,7 @@ class Reference:
 
     def in_flight(self, model: str, t: float) -> int:
         return sum(
-            1
-            for b in self.of(model)
-            if b.actual is None and b.window_at > t - self.in_flight_ttl_s
+            1 for b in self.of(model) if b.actual is None and b.window_at > t - self.in_flight_ttl_s
         )
 
     def expect(self, model: str, tokens: int, now: float) -> Expectation:

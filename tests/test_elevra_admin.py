@@ -11,6 +11,7 @@ from typing import Any
 
 import openpyxl
 import pytest
+from sqlalchemy import create_engine, inspect
 
 from examples.elevra_upload import pipeline
 from examples.elevra_upload.app import open_app
@@ -20,6 +21,7 @@ from examples.elevra_upload.config import AppConfig
 from examples.elevra_upload.ingest import read_rows
 from examples.elevra_upload.store import InsertError
 from llm_batch_queue.errors import ConfigError
+from llm_batch_queue.store.sql import open_store
 
 SAMPLE = Path(__file__).parents[1] / "examples" / "elevra_upload" / "samples" / "sample_nc.csv"
 
@@ -189,8 +191,30 @@ def test_retry_from_an_earlier_stage_runs_it_and_the_later_ones_again(
 def test_status_of_an_empty_database_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["status", "--out", str(tmp_path / "typo")]) == 0
+    db = tmp_path / "app.db"
+    open_store(db).close()  # the queue, no upload yet
+    assert main(["status", "--db", str(db)]) == 0
     assert "no uploads in sqlite:///" in capsys.readouterr().out
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "command", [["status"], ["skip", "r", "b", "--reason", "x"], ["email", "1", "--resend"]]
+)
+def test_commands_on_existing_uploads_refuse_a_database_without_them(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str
+) -> None:
+    # a mistyped path, or the server's maintenance database: nothing may be set up in it
+    typo = tmp_path / "typo" / "elevra.db"
+    assert main([*command, "--db", str(typo)]) == 2
+    assert "holds no uploads" in capsys.readouterr().err
+    assert not typo.parent.exists()
+    assert main([*command, "--db", pg_url]) == 2
+    engine = create_engine(pg_url)
+    try:
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize(

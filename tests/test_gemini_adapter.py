@@ -262,7 +262,7 @@ async def test_send_delay_is_when_the_request_left_not_when_it_was_asked_for(
     async with anyio.create_task_group() as tg:
         tg.start_soon(call, 0)
         tg.start_soon(hog_the_loop)
-    (delay, took), = delays.values()
+    ((delay, took),) = delays.values()
     assert delay is not None and 0.3 <= delay <= took
 
     # on its own a call leaves at once; an error carries its send time too

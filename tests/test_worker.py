@@ -239,3 +239,16 @@ def test_the_console_script_imports_the_app_from_the_working_directory(tmp_path:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "effects.txt").read_text() == "a\n"
+
+
+def test_the_cli_names_a_database_it_cannot_use_and_one_it_sets_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad in ("bogus://x", "postgresql+psycopg://postgres@127.0.0.1:1/nothing"):
+        assert cli_main(["migrate", "--db", bad]) == 2
+        assert f"error: cannot use the database {bad}" in capsys.readouterr().err
+    new = tmp_path / "mistyped.db"
+    assert cli_main(["migrate", "--db", str(new)]) == 0
+    assert "no queue there yet: creating its tables" in capsys.readouterr().err
+    assert cli_main(["migrate", "--db", str(new)]) == 0
+    assert "no queue there yet" not in capsys.readouterr().err

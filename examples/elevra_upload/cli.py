@@ -28,6 +28,7 @@ from llm_batch_queue import events
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.jobs import ItemStatus
 from llm_batch_queue.limits_config import load_limits
+from llm_batch_queue.store.sql import holds_queue
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         calls_models = args.command in ("run", "dispatch", "worker") or (
             args.command == "retry" and not args.no_dispatch
         )
+        if args.command not in ("run", "dispatch", "worker"):
+            # these read or change existing uploads: a mistyped --db/--out (or the server's
+            # maintenance database) must not get tables set up in it
+            where = args.db or args.out / "elevra.db"
+            if not holds_queue(where):
+                print(f"error: {where} holds no uploads (no queue tables there)", file=sys.stderr)
+                return 2
         with open_app(config, args.out, args.db, simulate=simulate and calls_models) as app:
             if args.command == "run":
                 return _run(app, args)

@@ -150,7 +150,6 @@ class AppConfig:
             email_hold_s=_int(env, "ELEVRA_EMAIL_HOLD_S", int(base.email_hold_s)),
         )
 
-
     def smtp_settings(self) -> SMTPSettings:
         if self.smtp_host is None:
             raise ConfigError("ELEVRA_EMAIL=smtp needs ELEVRA_SMTP_HOST")

@@ -52,16 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.db:
         parser.error("--db is required (or set LBQ_DATABASE_URL)")
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
     try:
         return _run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (ArgumentError, NoSuchModuleError, OperationalError) as exc:
+        print(f"error: cannot use the database {args.db}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llm_batch_queue.store.sql import open_store
+    from llm_batch_queue.store.sql import holds_queue, open_store
 
+    if not holds_queue(args.db):  # most often a mistyped --db: say what is being set up
+        print(f"{args.db}: no queue there yet: creating its tables", file=sys.stderr)
     store = open_store(args.db)
     try:
         if args.command == "migrate":

@@ -12,10 +12,10 @@ from llm_batch_queue.store.base import Store
 from llm_batch_queue.store.memory import MemoryStore
 from llm_batch_queue.store.sql.engine import make_engine
 from llm_batch_queue.store.sql.fencing import fence
-from llm_batch_queue.store.sql.schema import upgrade
+from llm_batch_queue.store.sql.schema import holds_queue, upgrade
 from llm_batch_queue.store.sql.store import SQLStore
 
-__all__ = ["SQLStore", "fence", "make_engine", "open_store", "upgrade"]
+__all__ = ["SQLStore", "fence", "holds_queue", "make_engine", "open_store", "upgrade"]
 
 
 def open_store(url: str | Path, *, migrate: bool = True) -> Store:

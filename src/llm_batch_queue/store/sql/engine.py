@@ -36,6 +36,14 @@ def to_url(url_or_path: str | Path) -> str:
     return text
 
 
+def sqlite_path(url_or_path: str | Path) -> Path | None:
+    """The file of a SQLite URL or path; None for an in-memory database or another backend."""
+    url = make_url(to_url(url_or_path))
+    if url.get_backend_name() != "sqlite" or (url.database or "") in ("", ":memory:"):
+        return None
+    return Path(url.database or "")
+
+
 def make_engine(url_or_path: str | Path, **kwargs: Any) -> Engine:
     url = make_url(to_url(url_or_path))
     if url.get_backend_name() != "sqlite":

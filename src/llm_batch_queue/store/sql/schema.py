@@ -8,13 +8,15 @@ head and does nothing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, inspect, select
 
-from llm_batch_queue.store.sql.engine import WRITE
+from llm_batch_queue.store.sql.engine import WRITE, make_engine, sqlite_path
 from llm_batch_queue.store.sql.locks import advisory_key
 
 SCRIPT_LOCATION = "llm_batch_queue.store.sql:migrations"
@@ -37,6 +39,21 @@ def head() -> str | None:
 def current(connection: Connection) -> str | None:
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     return context.get_current_revision()
+
+
+def holds_queue(url: str | Path) -> bool:
+    """Does the database at `url` already hold the queue's tables? Creates nothing: a SQLite
+    file that does not exist is not made, and no table is created anywhere (a read-only command
+    pointed at a mistyped path or the wrong database should say so, not set one up)."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return False
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return inspect(conn).has_table(VERSION_TABLE)
+    finally:
+        engine.dispose()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
