@@ -268,3 +268,16 @@ def test_a_batch_skipped_as_its_insert_starts_writes_nothing(
             "select error from lbq_items where key = ?", (skipped[0],)
         ).fetchone()
     assert error == "skipped: taken away mid-insert"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"ELEVRA_ANALYZE_MODELS": ","}, "ELEVRA_ANALYZE_MODELS"),
+        ({"ELEVRA_LEASE_S": "-3"}, "ELEVRA_LEASE_S"),
+        ({"GEMINI_TIMEOUT_MS": "0"}, "GEMINI_TIMEOUT_MS"),
+    ],
+)
+def test_a_bad_setting_is_named_with_its_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        AppConfig.from_env(env)

@@ -85,8 +85,13 @@ class AppConfig:
             address = getattr(self, name)
             if address and not _EMAIL.fullmatch(address):
                 raise ConfigError(f"{name} is not a plain e-mail address: {address!r}")
-        if self.lease_s <= 0 or self.concurrency < 1 or self.timeout_ms <= 0:
-            raise ConfigError("lease, concurrency and timeout settings must be positive")
+        for name, value, variable in (
+            ("lease_s", self.lease_s, "ELEVRA_LEASE_S"),
+            ("concurrency", self.concurrency, "ELEVRA_CONCURRENCY / --concurrency"),
+            ("timeout_ms", self.timeout_ms, "GEMINI_TIMEOUT_MS"),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive ({variable}), got {value!r}")
         self._check_email()
 
     def _check_email(self) -> None:
@@ -122,8 +127,8 @@ class AppConfig:
         return cls(
             api_key=env.get("GEMINI_API_KEY") or None,
             gemini_base_url=env.get("ELEVRA_GEMINI_BASE_URL") or None,
-            analyze_models=_models(env.get("ELEVRA_ANALYZE_MODELS"), base.analyze_models),
-            structure_models=_models(env.get("ELEVRA_STRUCTURE_MODELS"), base.structure_models),
+            analyze_models=_models(env, "ELEVRA_ANALYZE_MODELS", base.analyze_models),
+            structure_models=_models(env, "ELEVRA_STRUCTURE_MODELS", base.structure_models),
             limits=limits,
             uploader_email=env.get("ELEVRA_UPLOADER_EMAIL", base.uploader_email),
             team_email=env.get("ELEVRA_TEAM_EMAIL", base.team_email),
@@ -184,12 +189,13 @@ def _path(value: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _models(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+def _models(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = env.get(name)
     if not value:
         return default
     models = tuple(m.strip() for m in value.split(",") if m.strip())
     if not models:
-        raise ConfigError("a model list must name at least one model")
+        raise ConfigError(f"{name} must name at least one model, got {value!r}")
     return models
 
 
