@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -375,6 +376,35 @@ async def test_a_task_ending_about_its_time_limit_is_recorded_once(share: float)
     per_job = Counter(a.job_id for a in store.attempts(run.id))
     assert len(per_job) == 20 and set(per_job.values()) == {1}
     assert all(j.status.settled for j in store.jobs(run.id))
+
+
+async def test_work_released_while_the_next_due_time_is_read_is_not_missed() -> None:
+    # a job finished, releasing its item's next stage, while the dispatcher asked the store when
+    # work is next due; the answer (the finished job's own lease expiry, a minute away) was past
+    # max_wait_s, and run_until_idle returned with the next stage ready (found flaky in CI)
+    class SlowToAnswer(MemoryStore):
+        def next_due(self, *args: Any, **kwargs: Any) -> float | None:
+            due = super().next_due(*args, **kwargs)
+            time.sleep(0.3)  # the running job ends meanwhile
+            return due
+
+    async def first(ctx: StageContext) -> str:
+        await anyio.sleep(0.05)
+        return "a"
+
+    async def second(ctx: StageContext) -> str:
+        return "b"
+
+    store = SlowToAnswer()
+    pipeline = Pipeline("two", (TaskStage("a", first), TaskStage("b", second, after=("a",))))
+    run = store.create_run(
+        pipeline="two", name="n", stages=pipeline.specs, items=[NewItem("x", 1)], meta={},
+        now=time.time(),
+    )  # fmt: skip
+    settings = DispatcherSettings(store_in_thread=True, lease_s=60)
+    with anyio.fail_after(10):
+        await Dispatcher(store, pipeline, settings=settings).run_until_idle(max_wait_s=5)
+    assert store.get_run(run.id).status is RunStatus.COMPLETED
 
 
 def test_stopping_while_finishes_wait_for_an_unreachable_store_does_not_hang() -> None:

@@ -269,6 +269,7 @@ class Dispatcher:
         self._prepared: dict[str, _Prepared] = {}  # by job id, from the claim's plan
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
+        self._ended = 0  # jobs that have left the dispatcher, finished or not
         self._wake = anyio.Event()
         self._stop: anyio.Event | None = None  # run_forever's
         self._pending: list[_Pending] = []
@@ -420,11 +421,16 @@ class Dispatcher:
                     return
                 await self._wait(None)  # a job finishing makes room (or ends the loop)
                 continue
+            ended = self._ended
             try:
                 due = await self._next_due(now)
             except Exception:
                 self.stats.store_errors += 1
                 due = now + self.settings.idle_poll_s
+            if self._ended != ended:
+                # a job ended while we asked: `due` may predate the work its finish released
+                # (a new user's test run stopped early on a stale lease expiry)
+                continue
             if self._in_flight == 0 and stop is None:  # run_forever waits for new work
                 if due is None:
                     return
@@ -669,6 +675,7 @@ class Dispatcher:
             self._timed_out.discard(job.id)
             self._prepared.pop(job.id, None)
             self._in_flight -= 1
+            self._ended += 1
             self._wake.set()
 
     async def _finish(self, done: Finish) -> bool:
