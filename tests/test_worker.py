@@ -252,3 +252,15 @@ def test_the_cli_names_a_database_it_cannot_use_and_one_it_sets_up(
     assert "no queue there yet: creating its tables" in capsys.readouterr().err
     assert cli_main(["migrate", "--db", str(new)]) == 0
     assert "no queue there yet" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag", [["--time-budget", "-5"], ["--max-jobs", "0"], ["--concurrency", "0"]]
+)
+def test_the_cli_refuses_a_limit_that_is_not_positive(
+    flag: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["dispatch", "--app", "pkg.mod:factory", "--db", "sqlite://", *flag])
+    assert exited.value.code == 2
+    assert f"{flag[0]} must be positive" in capsys.readouterr().err

@@ -414,5 +414,6 @@ def _human(s: dict[str, Any]) -> str:
         f"{s['candidates']} candidates (the database holds {s['db_elections']} and "
         f"{s['db_candidates']}); {s['attempts']} model/stage attempts, "
         f"{s['fallbacks']} on a fallback model, {s['provider_429']} provider 429s; "
-        f"workbook {s['workbook']}; {s['emails']} e-mails sent"
+        + (f"workbook {s['workbook']}; " if s["workbook"] else "no workbook yet; ")
+        + f"{s['emails']} e-mails sent"
     )

@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.db:
         parser.error("--db is required (or set LBQ_DATABASE_URL)")
+    for name in ("concurrency", "time_budget", "max_jobs", "grace"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
     try:
