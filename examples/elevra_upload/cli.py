@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("run", "dispatch", "worker"):
             # these read or change existing uploads: a mistyped --db/--out (or the server's
             # maintenance database) must not get tables set up in it
-            where = args.db or args.out / "elevra.db"
+            where = _database(args)
             if not holds_queue(where):
                 print(f"error: {where} holds no uploads (no queue tables there)", file=sys.stderr)
                 return 2
@@ -175,9 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     except (ArgumentError, OperationalError) as exc:
-        where = args.db or f"sqlite:///{args.out / 'elevra.db'}"
-        print(f"error: cannot use the database {where}: {exc}", file=sys.stderr)
+        print(f"error: cannot use the database {_database(args)}: {exc}", file=sys.stderr)
         return 2
+
+
+def _database(args: argparse.Namespace) -> str:
+    """--db, or the SQLite file in --out that open_app uses without it."""
+    return str(args.db or f"sqlite:///{args.out / 'elevra.db'}")
 
 
 def _config(args: argparse.Namespace) -> AppConfig:

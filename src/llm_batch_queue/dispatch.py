@@ -279,7 +279,6 @@ class Dispatcher:
         # jobs in flight, for the heartbeat and the watchdog: lease (renewed in place), stage,
         # cancel scope, deadline (on anyio's clock)
         self._live: dict[str, tuple[list[Lease], str, anyio.CancelScope, float]] = {}
-        self._timed_out: set[str] = set()  # job ids the watchdog cancelled
         self._planned: list[str] = []  # job ids the current claim's plan prepared
         self._local_blocks: dict[str, float] = {}  # model -> until, from 429s seen here
 
@@ -575,9 +574,8 @@ class Dispatcher:
         while True:
             await anyio.sleep(period)
             now = anyio.current_time()
-            for job_id, (_, _, scope, deadline) in list(self._live.items()):
-                if deadline <= now and not scope.cancel_called:
-                    self._timed_out.add(job_id)
+            for _, _, scope, deadline in list(self._live.values()):
+                if deadline <= now:
                     scope.cancel()
 
     async def _drainer(self) -> None:
@@ -661,7 +659,9 @@ class Dispatcher:
                     await self._run_stage(claimed, lease_box)
                 except Exception as exc:
                     await self._crashed(claimed, lease_box[0], exc)
-            if scope.cancelled_caught and job.id in self._timed_out:
+            # the watchdog cancels only past the deadline (a lease lost after it ends the
+            # same way: the failure it records then finds the lease gone and changes nothing)
+            if scope.cancelled_caught and anyio.current_time() >= deadline:
                 await self._crashed(claimed, lease_box[0], TimeoutError())
         except anyio.get_cancelled_exc_class():
             # the dispatcher is stopping: hand the job back now rather than after the lease
@@ -672,7 +672,6 @@ class Dispatcher:
             raise
         finally:
             self._live.pop(job.id, None)
-            self._timed_out.discard(job.id)
             self._prepared.pop(job.id, None)
             self._in_flight -= 1
             self._ended += 1
