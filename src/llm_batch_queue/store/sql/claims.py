@@ -51,7 +51,7 @@ from llm_batch_queue.store.sql.locks import lock_run
 from llm_batch_queue.store.sql.rows import (
     ITEM_COLUMNS,
     ITEM_STATUS,
-    JOB_COLUMNS,
+    OPEN_JOB_COLUMNS,
     AnyRow,
     attempt_values,
     to_item,
@@ -205,18 +205,26 @@ def _candidates_in_context(
         else {}
     )
     out = []
-    for job, reclaimed in found:
+    # 32 hex digits each: random per claim, numbered within it (one urandom call per job
+    # cost more than the rest of the lease)
+    tokens = _lease_tokens(len(found))
+    for (job, reclaimed), token in zip(found, tokens, strict=True):
         item = by_item.get(job.item_id) if job.item_id is not None else None
         out.append(
             ClaimedJob(
                 job,
-                Lease(job.id, os.urandom(16).hex(), now + lease_s),
+                Lease(job.id, token, now + lease_s),
                 by_run[job.run_id],
                 item,
                 reclaimed,
             )
         )
     return out
+
+
+def _lease_tokens(n: int) -> list[str]:
+    prefix = os.urandom(12).hex()
+    return [f"{prefix}{i:08x}" for i in range(n)]
 
 
 def _unclaimed(
@@ -317,7 +325,7 @@ def _candidates_query(
 ) -> Select[Any]:
     due = jobs.c.next_run_at if status is JobStatus.READY else jobs.c.lease_expires_at
     query = (
-        select(*JOB_COLUMNS, jobs.c.lease_expires_at)
+        select(*OPEN_JOB_COLUMNS, jobs.c.lease_expires_at)
         .where(jobs.c.status == status.value, due <= bindparam("now"))
         .order_by(jobs.c.priority.desc(), jobs.c.fair_key, jobs.c.next_run_at, jobs.c.id)
         .limit(bindparam("n", type_=Integer))
@@ -443,7 +451,7 @@ def _attempts_values() -> Insert:
 def take(conn: Connection, lease: Lease) -> Job:
     """Lock the job if the caller still holds its lease; otherwise LeaseLost, nothing changed."""
     row = conn.execute(
-        select(*JOB_COLUMNS)
+        select(*OPEN_JOB_COLUMNS)
         .where(
             jobs.c.id == lease.job_id,
             jobs.c.status == JobStatus.RUNNING.value,

@@ -25,7 +25,7 @@ from llm_batch_queue.store.base import Completion, Failure, Finish, Release
 from llm_batch_queue.store.sql import bulk, graph, ledger, wakeups
 from llm_batch_queue.store.sql.claims import NO_LEASE, SpecOf, record_attempts
 from llm_batch_queue.store.sql.locks import lock_run
-from llm_batch_queue.store.sql.rows import JOB_COLUMNS, attempt_values, to_job
+from llm_batch_queue.store.sql.rows import OPEN_JOB_COLUMNS, attempt_values, to_job
 from llm_batch_queue.store.sql.tables import jobs
 
 
@@ -73,7 +73,7 @@ def finish(conn: Connection, spec_of: SpecOf, batch: Sequence[Finish], now: floa
 @functools.cache
 def _leased_query(dialect: str) -> Select[Any]:
     return (
-        select(*JOB_COLUMNS, jobs.c.lease_token, jobs.c.pipeline)
+        select(*OPEN_JOB_COLUMNS, jobs.c.lease_token, jobs.c.pipeline)
         .where(bulk.in_param(dialect, jobs.c.id, "ids"))
         .order_by(jobs.c.id)
         .with_for_update()
@@ -96,7 +96,7 @@ def _values(f: Finish, job: Job, now: float) -> dict[str, Any]:
     values: dict[str, Any] = {
         "id": job.id,
         "status": JobStatus.READY.value,
-        "output": job.output,
+        "output": None,  # a job's only output is its completion's
         "attempts": counted,
         "next_run_at": job.next_run_at,
         "model_index": job.model_index,

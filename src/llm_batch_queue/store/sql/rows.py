@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
-from sqlalchemy import Column, Row
+from sqlalchemy import Column, ColumnElement, Row, null
 
 from llm_batch_queue.jobs import (
     JSON,
@@ -95,6 +95,13 @@ JOB_COLUMNS: tuple[Column[Any], ...] = tuple(
         "next_run_at", "model_index", "last_error", "model_failures", "output", "fair_key",
     )
 )  # fmt: skip
+# the same for jobs not settled yet, whose output is always empty (only a completion writes
+# one, and an admin retry clears it): NULL costs nothing, where JSON null is parsed on each row
+OPEN_JOB_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    *JOB_COLUMNS[:12],
+    null().label("output"),
+    *JOB_COLUMNS[13:],
+)
 
 
 def to_job(row: AnyRow, status: JobStatus | None = None) -> Job:
