@@ -396,6 +396,21 @@ class StoreContract:
         assert {k for kind, k in written if kind == STAGE_COMPLETE} == {"a", "b", "c", "d"}
 
     # completing ---------------------------------------------------------------------------------
+    def test_an_items_outputs_gather_every_stage_it_completed(self, store: Store) -> None:
+        # PostgreSQL adds a stage's output to the stored ones in the UPDATE (jsonb ||): the
+        # earlier stage's output stays as it was, a null output is kept as null
+        run = new_run(store)
+        first = claim_one(store, stages=["analyze"])
+        key = item_key(first)
+        store.complete(first.lease, ok(T0 + 5), {"facts": [1, 2], "n": None}, T0 + 5)
+        second = next(c for c in store.claim(worker="w", now=T0 + 6, limit=10, lease_s=60)
+                      if item_key(c) == key and c.job.stage == "structure")  # fmt: skip
+        assert second.item is not None
+        assert second.item.outputs == {"analyze": {"facts": [1, 2], "n": None}}
+        store.complete(second.lease, ok(T0 + 7), None, T0 + 7)
+        item = next(i for i in store.items(run.id) if i.key == key)
+        assert item.outputs == {"analyze": {"facts": [1, 2], "n": None}, "structure": None}
+
     def test_complete_stores_output_and_releases_the_next_stage(self, store: Store) -> None:
         run = new_run(store)
         c = claim_one(store, stages=["analyze"])

@@ -36,13 +36,17 @@ def update_rows(
     rows: Sequence[Mapping[str, Any]],
     key: str = "id",
     constants: Mapping[str, Any] | None = None,
+    merged: tuple[str, ...] = (),
 ) -> None:
     """Set each row's columns (every row names the same ones, `key` included) where key
-    matches, and `constants` in every one of them."""
+    matches, and `constants` in every one of them. PostgreSQL only: the JSON columns in
+    `merged` get the row's keys added to theirs (jsonb `||`) rather than replaced."""
     if not rows:
         return
     names, fixed = tuple(rows[0]), tuple(constants or {})
-    statement = _update(conn.dialect.name, table, names, key, fixed)
+    if merged and conn.dialect.name != "postgresql":
+        raise ValueError("merged columns are a PostgreSQL statement")
+    statement = _update(conn.dialect.name, table, names, key, fixed, merged)
     params = {f"c_{n}": value for n, value in (constants or {}).items()}
     if conn.dialect.name == "postgresql":
         conn.execute(statement, {"rows": list(rows), **params})
@@ -54,7 +58,12 @@ def update_rows(
 # executing it (SQLAlchemy's cache keys and compiled forms are memoised on the object).
 @functools.cache
 def _update(
-    dialect: str, table: Table, names: tuple[str, ...], key: str, fixed: tuple[str, ...]
+    dialect: str,
+    table: Table,
+    names: tuple[str, ...],
+    key: str,
+    fixed: tuple[str, ...],
+    merged: tuple[str, ...] = (),
 ) -> Update:
     if overlap := set(names) & set(fixed):
         raise ValueError(f"columns given both per row and as constants: {sorted(overlap)}")
@@ -62,6 +71,7 @@ def _update(
     if dialect == "postgresql":
         v = _recordset(table, names)
         sets.update({n: v.c[n] for n in names if n != key})
+        sets.update({n: table.c[n].op("||")(v.c[n]) for n in merged})
         return update(table).where(table.c[key] == v.c[key]).values(sets)
     sets.update({n: bindparam(f"b_{n}") for n in names if n != key})
     return update(table).where(table.c[key] == bindparam(f"b_{key}")).values(sets)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, null, select, update
 
 from llm_batch_queue import transitions
 from llm_batch_queue.jobs import Item, ItemStatus, JobStatus, RunCounts, RunStatus, Scope, StageSpec
@@ -87,20 +87,28 @@ def after_settle(
 
 
 def item_states(conn: Connection, item_ids: Collection[str]) -> dict[str, Item]:
-    """The items' state without their payloads (which settlement never reads), by id."""
+    """The items' state without their payloads (which settlement never reads), by id. On
+    PostgreSQL without their outputs too: settle adds new outputs to the stored ones in its
+    UPDATE (jsonb ||), so they are neither read nor sent back, however large they grew."""
     if not item_ids:
         return {}
-    rows = conn.execute(_item_states_query(conn.dialect.name), {"ids": sorted(item_ids)}).all()
+    dialect = conn.dialect.name
+    rows = conn.execute(_item_states_query(dialect), {"ids": sorted(item_ids)}).all()
     return {
         id_: Item(id_, run_id, key, ItemStatus(status), None, outputs or {}, error, failures)
         for id_, run_id, key, status, outputs, error, failures in rows
     }
 
 
+def _merges_outputs(dialect: str) -> bool:
+    return dialect == "postgresql"
+
+
 @functools.cache
 def _item_states_query(dialect: str) -> Select[Any]:
     c = items.c
-    return select(c.id, c.run_id, c.key, c.status, c.outputs, c.error, c.failures).where(
+    outputs = null() if _merges_outputs(dialect) else c.outputs
+    return select(c.id, c.run_id, c.key, c.status, outputs, c.error, c.failures).where(
         bulk.in_param(dialect, c.id, "ids")
     )
 
@@ -166,7 +174,8 @@ def settle(
                 settled_runs.add(item.run_id)
         released |= _mark(conn, ready, JobStatus.READY, now)
         _mark(conn, cancel, JobStatus.CANCELLED, now)
-        bulk.update_rows(conn, items, changed)
+        merged = ("outputs",) if _merges_outputs(conn.dialect.name) else ()
+        bulk.update_rows(conn, items, changed, merged=merged)
     for run_id in sorted(touched):
         spec = spec_of(conn, run_id)
         busy = bool(touched[run_id].items) and _stage_milestones(
