@@ -388,3 +388,28 @@ def test_help_does_not_print_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert "secret-in-the-environment" not in str(inspect.signature(limits_from_env))
     monkeypatch.setenv("LBQ_LIMITS", '{"m": {"rpm": 5}}')
     assert limits_from_env()["m"].rpm == 5  # os.environ, read when called
+
+
+def test_app_refuses_limits_for_a_model_no_chain_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a typo would otherwise leave the real model on the limits the user meant to change
+    with pytest.raises(ConfigError, match=r"^ELEVRA_LIMITS sets limits for 'gemini-2.5-flsh'"):
+        AppConfig.from_env({"ELEVRA_LIMITS": '{"gemini-2.5-flsh": {"rpm": 5}}'})
+    # a model is fine once a chain uses it
+    config = AppConfig.from_env(
+        {"ELEVRA_LIMITS": '{"m2": {"rpm": 5}}', "ELEVRA_STRUCTURE_MODELS": "m2"}
+    )
+    assert config.limits["m2"] == ModelLimits(rpm=5)
+    monkeypatch.delenv("ELEVRA_LIMITS", raising=False)
+    monkeypatch.delenv("ELEVRA_STRUCTURE_MODELS", raising=False)
+    assert main(["dispatch", "--out", str(tmp_path), "--limits", '{"pro": {"rpm": 5}}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --limits sets limits for 'pro', which no model chain uses")
+    assert not (tmp_path / "elevra.db").exists()  # refused before any database was made
+
+
+def test_app_refuses_a_chain_model_without_limits() -> None:
+    # unlimited, the dispatcher would send as fast as it can: a 429 storm
+    with pytest.raises(ConfigError, match=r"^ELEVRA_STRUCTURE_MODELS uses 'm3', which has no"):
+        AppConfig.from_env({"ELEVRA_STRUCTURE_MODELS": "gemini-2.5-flash,m3"})

@@ -187,7 +187,7 @@ def _database(args: argparse.Namespace) -> str:
 def _config(args: argparse.Namespace) -> AppConfig:
     config = AppConfig.from_env(os.environ)
     if getattr(args, "limits", None):
-        config = replace(config, limits={**config.limits, **load_limits(args.limits)})
+        config = config.with_limits(load_limits(args.limits), "--limits")
     if getattr(args, "uploader", None):
         config = replace(config, uploader_email=args.uploader)
     if getattr(args, "concurrency", None) is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parseaddr
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -92,6 +92,16 @@ class AppConfig:
         ):
             if not value > 0:
                 raise ConfigError(f"{name} must be positive ({variable}), got {value!r}")
+        for variable, chain in (
+            ("ELEVRA_ANALYZE_MODELS", self.analyze_models),
+            ("ELEVRA_STRUCTURE_MODELS", self.structure_models),
+        ):
+            if missing := [m for m in chain if m not in self.limits]:
+                raise ConfigError(
+                    f"{variable} uses {', '.join(map(repr, missing))}, which has no rate "
+                    "limits: give them in ELEVRA_LIMITS or --limits (unlimited, the dispatcher "
+                    "would send as fast as it can and meet the provider's 429s)"
+                )
         self._check_email()
 
     def _check_email(self) -> None:
@@ -122,14 +132,15 @@ class AppConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AppConfig:
         base = cls()
-        # a model named here replaces its default limits whole; the others keep theirs
-        limits = {**base.limits, **limits_from_env(env, "ELEVRA_LIMITS")}
+        analyze = _models(env, "ELEVRA_ANALYZE_MODELS", base.analyze_models)
+        structure = _models(env, "ELEVRA_STRUCTURE_MODELS", base.structure_models)
+        named = limits_from_env(env, "ELEVRA_LIMITS")
         return cls(
             api_key=env.get("GEMINI_API_KEY") or None,
             gemini_base_url=env.get("ELEVRA_GEMINI_BASE_URL") or None,
-            analyze_models=_models(env, "ELEVRA_ANALYZE_MODELS", base.analyze_models),
-            structure_models=_models(env, "ELEVRA_STRUCTURE_MODELS", base.structure_models),
-            limits=limits,
+            analyze_models=analyze,
+            structure_models=structure,
+            limits=_merged(base.limits, named, {*analyze, *structure}, "ELEVRA_LIMITS"),
             uploader_email=env.get("ELEVRA_UPLOADER_EMAIL", base.uploader_email),
             team_email=env.get("ELEVRA_TEAM_EMAIL", base.team_email),
             display_tz=env.get("ELEVRA_TIMEZONE", base.display_tz),
@@ -155,6 +166,11 @@ class AppConfig:
             email_hold_s=_int(env, "ELEVRA_EMAIL_HOLD_S", int(base.email_hold_s)),
         )
 
+    def with_limits(self, limits: Mapping[str, ModelLimits], source: str) -> AppConfig:
+        """These models' limits (from `source`) in place of theirs; the others keep theirs."""
+        used = {*self.analyze_models, *self.structure_models}
+        return replace(self, limits=_merged(self.limits, limits, used, source))
+
     def smtp_settings(self) -> SMTPSettings:
         if self.smtp_host is None:
             raise ConfigError("ELEVRA_EMAIL=smtp needs ELEVRA_SMTP_HOST")
@@ -170,6 +186,22 @@ class AppConfig:
             )
         except ConfigError as exc:
             raise ConfigError(f"ELEVRA_SMTP_*: {exc}") from None
+
+
+def _merged(
+    limits: Mapping[str, ModelLimits],
+    named: Mapping[str, ModelLimits],
+    used: set[str],
+    source: str,
+) -> dict[str, ModelLimits]:
+    """`named` replacing those models' limits whole. A model no chain uses is refused: most
+    often a typo, which would leave the real model on limits the user meant to change."""
+    if unused := sorted(set(named) - used):
+        raise ConfigError(
+            f"{source} sets limits for {', '.join(map(repr, unused))}, which no model chain "
+            f"uses (ELEVRA_ANALYZE_MODELS, ELEVRA_STRUCTURE_MODELS: {', '.join(sorted(used))})"
+        )
+    return {**limits, **named}
 
 
 def _transport(env: Mapping[str, str]) -> str:
