@@ -33,7 +33,7 @@ from llm_batch_queue.jobs import (
 )
 from llm_batch_queue.limits import Deny, ModelLimits, day_start, next_day_start, slot_time
 from llm_batch_queue.store import Reservation, Store
-from llm_batch_queue.store.base import Booking, Claim, ModelState, Purge
+from llm_batch_queue.store.base import Booking, Claim, Leased, ModelState, Purge
 from llm_batch_queue.store.memory import IN_FLIGHT_TTL_S
 from llm_batch_queue.store.milestones import ITEM_FAILED, KINDS, RUN_FINISHED, STAGE_COMPLETE
 from llm_batch_queue.summary import ModelPrice
@@ -636,6 +636,19 @@ class StoreContract:
         drain(store, T0 + 7)
         assert store.get_run(run.id).status is RunStatus.COMPLETED
         assert store.next_due() is None
+
+    def test_leased_counts_running_jobs_and_their_first_expiry(self, store: Store) -> None:
+        assert store.leased() == Leased(0, None)
+        new_run(store, keys=("a", "b"))
+        assert store.leased() == Leased(0, None)
+        first = claim_one(store)
+        store.heartbeat(first.lease, T0 + 20, LEASE_S)
+        second = claim_one(store, now=T0 + 5)
+        assert store.leased() == Leased(2, T0 + 5 + LEASE_S)
+        assert store.leased("p") == store.leased()
+        assert store.leased("another pipeline") == Leased(0, None)
+        store.complete(second.lease, ok(), None, T0 + 6)
+        assert store.leased() == Leased(1, T0 + 20 + LEASE_S)
 
     # admin actions ------------------------------------------------------------------------------
     def test_retry_reruns_the_failed_stage_onward_and_reopens_the_finished_run(

@@ -15,6 +15,7 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
+from llm_batch_queue import events
 from llm_batch_queue.adapters.base import ModelRequest, ModelResponse
 from llm_batch_queue.adapters.scripted import ScriptedAdapter
 from llm_batch_queue.clock import FakeClock
@@ -667,3 +668,35 @@ async def test_jobs_claimed_as_the_dispatcher_is_cancelled_are_handed_back() -> 
     statuses = sorted((j.status.value, j.last_error or "") for j in store.jobs(run.id))
     # the claimed job was released at once, not left running until its lease expires
     assert statuses == [("ready", ""), ("ready", "dispatcher stopped"), ("succeeded", "")]
+
+
+async def test_waiting_for_another_workers_leases_is_said_once_then_the_jobs_are_taken_over() -> (
+    None
+):
+    clock = FakeClock()
+    store = MemoryStore()
+    pipeline = make_pipeline()
+    run = store.create_run(
+        pipeline="test", name="n", stages=pipeline.specs, items=[NewItem("a", 1)], meta={},
+        now=clock.now(), notify=pipeline.notify,
+    )  # fmt: skip
+    (dead,) = store.claim(worker="crashed", now=clock.now(), limit=1, lease_s=60)
+    seen: list[object] = []
+    dispatcher = Dispatcher(
+        store, pipeline, ScriptedAdapter(), clock=clock, on_event=seen.append,
+        settings=DispatcherSettings(concurrency=4),
+    )  # fmt: skip
+    stats = await dispatcher.run_once()
+    assert stats.claimed == 0
+    (note,) = seen
+    assert note == events.WaitingForLeases(1, dead.lease.expires_at)
+    assert isinstance(note, events.WaitingForLeases)
+    assert note.explain(clock.now()).endswith("the first at " + time.strftime(
+        "%H:%M:%S", time.localtime(dead.lease.expires_at)) + " (in 60 s)")  # fmt: skip
+    # waiting (the fake clock jumps) says nothing more, then takes the job over and ends it
+    await dispatcher.run_until_idle()
+    waits = [e for e in seen if isinstance(e, events.WaitingForLeases)]
+    assert len(waits) == 1
+    assert store.get_run(run.id).status is RunStatus.COMPLETED
+    reclaimed = [e for e in seen if isinstance(e, events.JobClaimed) and e.reclaimed]
+    assert [e.job_id for e in reclaimed] == [dead.job.id]

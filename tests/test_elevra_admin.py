@@ -281,3 +281,19 @@ def test_a_batch_skipped_as_its_insert_starts_writes_nothing(
 def test_a_bad_setting_is_named_with_its_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         AppConfig.from_env(env)
+
+
+def test_dispatch_progress_says_it_waits_for_other_workers_leases(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    from examples.elevra_upload.cli import _Progress
+    from llm_batch_queue import events
+
+    _Progress(quiet=False).on_event(events.WaitingForLeases(3, time.time() + 42))
+    err = capsys.readouterr().err
+    assert err.startswith("  waiting: 3 jobs running under other workers' leases")
+    assert "(in 42 s)" in err or "(in 41 s)" in err
+    _Progress(quiet=True).on_event(events.WaitingForLeases(3, time.time() + 42))
+    assert capsys.readouterr().err == ""

@@ -264,3 +264,20 @@ def test_the_cli_refuses_a_limit_that_is_not_positive(
         cli_main(["dispatch", "--app", "pkg.mod:factory", "--db", "sqlite://", *flag])
     assert exited.value.code == 2
     assert f"{flag[0]} must be positive" in capsys.readouterr().err
+
+
+def test_a_dispatch_that_finds_only_a_dead_workers_jobs_says_when_they_are_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LBQ_TEST_EFFECTS", str(tmp_path / "effects.txt"))
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    store = open_store(db)
+    _create(store, ["a"])
+    (dead,) = store.claim(worker="crashed", now=time.time(), limit=1, lease_s=60)
+    store.close()
+    assert cli_main(["dispatch", "--app", "_worker_app:app", "--db", db, "--json"]) == 0
+    out = capsys.readouterr()
+    assert '"claimed": 0' in out.out
+    assert "waiting: 1 job running under other workers' leases" in out.err
+    at = time.strftime("%H:%M:%S", time.localtime(dead.lease.expires_at))
+    assert f"the first at {at} (in " in out.err

@@ -399,6 +399,8 @@ class _Progress:
             self.failed += 1
         elif isinstance(event, events.Deferred):
             self.deferred += 1
+        elif isinstance(event, events.WaitingForLeases):
+            self.say(f"  waiting: {event.explain(time.time())}")
         now = time.monotonic()
         if now - self.last >= 1.0:
             self.last = now

@@ -17,11 +17,13 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
 import anyio
 
+from llm_batch_queue import events
 from llm_batch_queue.dispatch import DispatcherSettings, DispatchStats
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.store.base import Store
@@ -78,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "migrate":
             print(f"{args.db}: schema at the newest revision", file=sys.stderr)
             return 0
-        app = _with_concurrency(load_app(args.app)(store), args.concurrency)
+        app = _noting_leases(_with_concurrency(load_app(args.app)(store), args.concurrency))
         if args.command == "worker":
             stats = anyio.run(
                 lambda: serve(store, app, wakeups=wakeups_for(store), grace_s=args.grace)
@@ -149,6 +151,20 @@ def wakeups_for(store: Store) -> Wakeups | None:
         await listen(url, lambda _pipeline: wake())
 
     return run
+
+
+def _noting_leases(app: WorkerApp) -> WorkerApp:
+    """Print WaitingForLeases on stderr, then pass every event on to the app's own sink: a
+    dispatch after a crash otherwise finds nothing to do and says nothing of why."""
+    sink = app.on_event
+
+    def on_event(event: events.Event) -> None:
+        if isinstance(event, events.WaitingForLeases):
+            print(f"waiting: {event.explain(time.time())}", file=sys.stderr, flush=True)
+        if sink is not None:
+            sink(event)
+
+    return replace(app, on_event=on_event)
 
 
 def _with_concurrency(app: WorkerApp, concurrency: int | None) -> WorkerApp:

@@ -281,6 +281,7 @@ class Dispatcher:
         self._live: dict[str, tuple[list[Lease], str, anyio.CancelScope, float]] = {}
         self._planned: list[str] = []  # job ids the current claim's plan prepared
         self._local_blocks: dict[str, float] = {}  # model -> until, from 429s seen here
+        self._idle_noted = False  # WaitingForLeases said since the last claim that found work
 
     # public loops -------------------------------------------------------------------------------
     async def run_once(
@@ -410,6 +411,7 @@ class Dispatcher:
                 self.stats.claimed += 1
                 runners.hand(job, self._in_flight)
             if claimed:
+                self._idle_noted = False
                 # let the new jobs send before claiming more: their quota was booked at the
                 # claim, and the provider counts a request from when it arrives
                 await anyio.lowlevel.checkpoint()
@@ -430,6 +432,8 @@ class Dispatcher:
                 # a job ended while we asked: `due` may predate the work its finish released
                 # (a new user's test run stopped early on a stale lease expiry)
                 continue
+            if self._in_flight == 0 and due is not None and due > now:
+                await self._note_leases()
             if self._in_flight == 0 and stop is None:  # run_forever waits for new work
                 if due is None:
                     return
@@ -438,6 +442,19 @@ class Dispatcher:
                 if max_wait_s is not None and due - now > max_wait_s:
                     return
             await self._wait(due)
+
+    async def _note_leases(self) -> None:
+        """Out of work while other workers hold jobs: say so once (after a crash nothing
+        happens until the dead worker's leases end, and silence looks like a hang)."""
+        if self._idle_noted:
+            return
+        self._idle_noted = True
+        try:
+            leased = await self._db(self.store.leased, self.pipeline.name)
+        except Exception:
+            return  # only a note: the loop carries on either way
+        if leased.jobs and leased.first_expiry is not None:
+            self._emit(events.WaitingForLeases(leased.jobs, leased.first_expiry))
 
     def _forget_plans(self, taken: set[str]) -> None:
         """Drop what the last claim's plan prepared for jobs it did not hand out."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,5 +83,33 @@ class JobCrashed:
     message: str
 
 
-Event = JobClaimed | CallSucceeded | CallFailed | FellBack | Deferred | LeaseLost | JobCrashed
+@fast_init
+@dataclass(frozen=True, slots=True)
+class WaitingForLeases:
+    """Nothing to claim here, while `jobs` run under other workers' leases (said once each
+    time this dispatcher runs out of work). A crashed worker's jobs are taken over when its
+    leases end, the first at `first_expiry`: until then nothing happens, which is no hang."""
+
+    jobs: int
+    first_expiry: float
+
+    def explain(self, now: float) -> str:
+        at = time.strftime("%H:%M:%S", time.localtime(self.first_expiry))
+        return (
+            f"{self.jobs} job{'s' if self.jobs != 1 else ''} running under other workers' "
+            f"leases; a crashed worker's jobs are taken over when its leases end, the first at "
+            f"{at} (in {max(0.0, self.first_expiry - now):.0f} s)"
+        )
+
+
+Event = (
+    JobClaimed
+    | CallSucceeded
+    | CallFailed
+    | FellBack
+    | Deferred
+    | LeaseLost
+    | JobCrashed
+    | WaitingForLeases
+)
 EventSink = Callable[[Event], None]

@@ -127,6 +127,15 @@ Finish = Completion | Failure | Release
 
 
 @dataclass(frozen=True, slots=True)
+class Leased:
+    """The jobs running under a lease now, and when the first of those leases ends (then a
+    claim may take its job over, if its worker has not renewed it: a crashed one will not)."""
+
+    jobs: int
+    first_expiry: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Purge:
     """What one Store.purge_finished_runs call did."""
 
@@ -243,6 +252,10 @@ class Store(Protocol):
         self, stages: Collection[str] | None = None, pipeline: str | None = None
     ) -> float | None:
         """When the earliest READY job (or expiring lease) becomes claimable; None if none."""
+        ...
+
+    def leased(self, pipeline: str | None = None) -> Leased:
+        """The jobs (of `pipeline`'s runs, or all) RUNNING under a lease, whoever holds it."""
         ...
 
     def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease: ...

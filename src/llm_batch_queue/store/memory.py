@@ -61,6 +61,7 @@ from llm_batch_queue.store.base import (
     Denied,
     Failure,
     Finish,
+    Leased,
     ModelState,
     Plan,
     Postpone,
@@ -479,6 +480,15 @@ class MemoryStore:
                 and self._wanted(j, stages, pipeline)
             ]
             return min(times) if times else None
+
+    def leased(self, pipeline: str | None = None) -> Leased:
+        with self._lock:
+            expiries = [
+                self._leases[j.id].expires_at
+                for j in self._jobs.open_jobs()
+                if j.status is JobStatus.RUNNING and self._wanted(j, None, pipeline)
+            ]
+            return Leased(len(expiries), min(expiries, default=None))
 
     def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease:
         with self._lock:

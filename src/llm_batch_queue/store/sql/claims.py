@@ -44,7 +44,15 @@ from llm_batch_queue.jobs import (
     Reservation,
 )
 from llm_batch_queue.limits import Admission, Deny
-from llm_batch_queue.store.base import Booking, Claim, Denied, ModelState, Plan, Postpone
+from llm_batch_queue.store.base import (
+    Booking,
+    Claim,
+    Denied,
+    Leased,
+    ModelState,
+    Plan,
+    Postpone,
+)
 from llm_batch_queue.store.memory import LOOKAHEAD
 from llm_batch_queue.store.sql import bulk, graph, ledger
 from llm_batch_queue.store.sql.locks import lock_run
@@ -536,3 +544,14 @@ def next_due(
         if value is not None:
             found.append(float(value))
     return min(found, default=None)
+
+
+def leased(conn: Connection, pipeline: str | None) -> Leased:
+    """Over the running jobs only (the lease expiry index's rows), however large the queue."""
+    query = select(func.count(), func.min(jobs.c.lease_expires_at)).where(
+        jobs.c.status == JobStatus.RUNNING.value
+    )
+    if pipeline is not None:
+        query = query.where(jobs.c.pipeline == pipeline)
+    count, first = conn.execute(query).one()
+    return Leased(count, None if first is None else float(first))

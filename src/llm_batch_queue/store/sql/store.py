@@ -44,6 +44,7 @@ from llm_batch_queue.store.base import (
     Completion,
     Failure,
     Finish,
+    Leased,
     ModelState,
     Plan,
     Purge,
@@ -313,6 +314,10 @@ class SQLStore:
     ) -> float | None:
         with self._tx() as conn:
             return claims.next_due(conn, stages, pipeline)
+
+    def leased(self, pipeline: str | None = None) -> Leased:
+        with self._tx() as conn:
+            return claims.leased(conn, pipeline)
 
     def heartbeat(self, lease: Lease, now: float, lease_s: float) -> Lease:
         (renewed,) = self.heartbeat_all([lease], now, lease_s)
