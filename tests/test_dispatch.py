@@ -562,14 +562,19 @@ class _Reading(BaseModel):
 async def test_outputs_postgresql_cannot_store_fail_their_own_job_only(
     where: str, request: pytest.FixtureRequest
 ) -> None:
-    """A model's reply parsed to NaN (pydantic reads `NaN` as a float) and a task's string with
-    U+0000: PostgreSQL refuses both at the commit, which failed the whole group-committed batch
-    and was retried as an outage (found by the adversarial trial). Every store now fails just
-    those jobs, at once and saying why; the others complete."""
+    """A model's reply parsed to NaN (pydantic reads `NaN` as a float), a task's string with
+    U+0000 and one with a lone surrogate (a JSON reply cut inside an emoji: "\\ud83d" parses to
+    one): PostgreSQL refuses them at the commit, which failed the whole group-committed batch
+    and was retried as an outage (found by adversarial trials). Every store now fails just
+    those jobs, at once and saying why; the others complete. A handler's error message with
+    both characters is stored escaped."""
     from llm_batch_queue.store.sql import open_store
 
     async def task(ctx: StageContext) -> object:
-        return "a\x00b" if ctx.item and ctx.item.key == "nul" else "fine"
+        key = ctx.item.key if ctx.item else ""
+        if key == "raises":
+            raise RuntimeError("broken \x00 \ud83d")
+        return {"nul": "a\x00b", "cut": json.loads('{"t": "cut \\ud83d"}')}.get(key, "fine")
 
     pipeline = Pipeline(
         "odd",
@@ -588,7 +593,8 @@ async def test_outputs_postgresql_cannot_store_fail_their_own_job_only(
         store = open_store(request.getfixturevalue("sqlite_url" if where == "sqlite" else "pg_url"))
     run = store.create_run(
         pipeline="odd", name="n", stages=pipeline.specs,
-        items=[NewItem(k, k) for k in ("nan", "nul", "ok1", "ok2")], meta={}, now=0.0,
+        items=[NewItem(k, k) for k in ("nan", "nul", "cut", "raises", "ok1", "ok2")],
+        meta={}, now=0.0,
     )  # fmt: skip
     dispatcher = Dispatcher(
         store, pipeline, adapter, clock=FakeClock(), settings=DispatcherSettings(concurrency=8)
@@ -602,11 +608,15 @@ async def test_outputs_postgresql_cannot_store_fail_their_own_job_only(
     assert {k: i.status for k, i in items.items()} == {
         "nan": ItemStatus.NEEDS_REUPLOAD,
         "nul": ItemStatus.NEEDS_REUPLOAD,
+        "cut": ItemStatus.NEEDS_REUPLOAD,
+        "raises": ItemStatus.NEEDS_REUPLOAD,
         "ok1": ItemStatus.COMPLETED,
         "ok2": ItemStatus.COMPLETED,
     }
     assert "cannot be stored as JSON" in (items["nan"].error or "")
     assert "U+0000" in (items["nul"].error or "")
+    assert "lone surrogate, U+D83D" in (items["cut"].error or "")
+    assert "broken \\x00 \\ud83d" in (items["raises"].error or "")
     assert dispatcher.stats.store_errors == 0
     if not isinstance(store, MemoryStore):
         store.close()

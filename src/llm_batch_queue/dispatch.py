@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import uuid
 from collections.abc import Callable, Coroutine, Generator, Mapping
@@ -1108,24 +1109,35 @@ def _adapter_map(
 
 def _unstorable(output: JSON) -> str | None:
     """Why a stage's output cannot be kept by every store (a SQL store would refuse it at the
-    commit, and the finish would be retried as if the database were down), or None."""
+    commit, failing the finish of every job written with it), or None."""
     try:
         text = json.dumps(output, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return f"the stage's output cannot be stored as JSON: {exc}"
-    if "\\u0000" in text and _has_nul(output):  # PostgreSQL's jsonb refuses it
-        return "the stage's output cannot be stored as JSON: it contains U+0000 (NUL)"
+    # json.dumps escapes both kinds, so the walk runs only when the text shows one
+    if _ESCAPED_BAD_CHAR.search(text) and (bad := _bad_char(output)) is not None:
+        return f"the stage's output cannot be stored as JSON: it contains {bad}"
     return None
 
 
-def _has_nul(value: object) -> bool:
+# PostgreSQL's jsonb refuses NUL; no store can encode a lone UTF-16 surrogate as UTF-8 (a JSON
+# parser makes one of a "\ud83d" escape, as in a model reply cut inside an emoji)
+_ESCAPED_BAD_CHAR = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_char(value: object) -> str | None:
     if isinstance(value, str):
-        return "\x00" in value
+        if "\x00" in value:
+            return "U+0000 (NUL)"
+        if found := _SURROGATE.search(value):
+            return f"a lone surrogate, U+{ord(found.group()):04X}"
+        return None
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        return next((bad for k, v in value.items() if (bad := _bad_char(k) or _bad_char(v))), None)
     if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
+        return next((bad for v in value if (bad := _bad_char(v))), None)
+    return None
 
 
 def _sent_at(started: float, send_delay_s: float | None) -> float | None:

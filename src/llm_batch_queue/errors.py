@@ -53,9 +53,11 @@ class CallError(LLMBatchQueueError):
     send_delay_s: float | None = None
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        # the message is stored with the attempt; PostgreSQL text cannot hold NUL (U+0000), and
-        # a provider's or handler's message may carry one
+        # the message is stored with the attempt; PostgreSQL text cannot hold NUL (U+0000) and
+        # UTF-8 no lone surrogate (U+D800-DFFF), and a provider's or handler's message may
+        # carry either (a reply cut inside an emoji): written as escapes instead
         message = message.replace("\x00", "\\x00")
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.message = message
         self.status_code = status_code
