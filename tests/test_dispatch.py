@@ -29,7 +29,7 @@ from llm_batch_queue.errors import (
     TransientError,
 )
 from llm_batch_queue.jobs import ItemStatus, JobStatus, Lease, NewItem, RunStatus, Scope
-from llm_batch_queue.limits import ModelLimits
+from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
 from llm_batch_queue.retry import RetryPolicy
@@ -710,3 +710,71 @@ async def test_waiting_for_another_workers_leases_is_said_once_then_the_jobs_are
     assert store.get_run(run.id).status is RunStatus.COMPLETED
     reclaimed = [e for e in seen if isinstance(e, events.JobClaimed) and e.reclaimed]
     assert [e.job_id for e in reclaimed] == [dead.job.id]
+
+
+class _Interfering(ScriptedAdapter):
+    """Calls that end without their job's finish reaching the store as usual: the item is
+    skipped (its lease taken) during the call, or the call hangs."""
+
+    def __init__(self, store: Store, run_id: str, how: str) -> None:
+        super().__init__()
+        self.store, self.run_id, self.how, self.started = store, run_id, how, 0
+
+    async def generate(self, request: ModelRequest) -> ModelResponse:
+        self.started += 1
+        if self.started == 1 and self.how.startswith("lost"):
+            self.store.skip_item(self.run_id, "i0", "taken away", time.time())
+            if self.how == "lost_midcall":  # the heartbeat finds the lease gone first
+                await anyio.sleep(10)
+        elif self.started == 1:
+            await anyio.sleep(10)  # timed out, or the dispatcher is stopped meanwhile
+        return await super().generate(request)
+
+
+@pytest.mark.parametrize("how", ["lost_midcall", "lost_before_finish", "timeout", "stopped"])
+@pytest.mark.parametrize(
+    "where", ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_a_call_that_ends_without_its_finish_gives_back_its_in_flight_place(
+    how: str, where: str, request: pytest.FixtureRequest
+) -> None:
+    """A call's booking went to the store only with its finish: a job whose lease was taken
+    (an admin's skip, a stall past the lease), that timed out or was stopped mid-call kept its
+    model's in-flight place for IN_FLIGHT_TTL_S (15 min), and with max_in_flight=1 nothing else
+    ran meanwhile (adversarial trial). Now the booking ends with the job, however it ends."""
+    from llm_batch_queue.store.sql import open_store
+
+    store: Store = (
+        MemoryStore()
+        if where == "memory"
+        else open_store(request.getfixturevalue("sqlite_url" if where == "sqlite" else "pg_url"))
+    )
+    pipeline = Pipeline("p", (ModelStage("ask", ("m",), lambda c: Prompt("q"), max_attempts=1),))
+    run = store.create_run(
+        pipeline="p", name="n", stages=pipeline.specs,
+        items=[NewItem(f"i{k}", k) for k in range(3)], meta={}, now=time.time(),
+    )  # fmt: skip
+    settings = DispatcherSettings(concurrency=4, lease_s=2, heartbeat_s=0.1, job_timeout_s=0.5)
+    limits = {"m": ModelLimits(max_in_flight=1)}
+    adapter = _Interfering(store, run.id, how)
+    dispatcher = Dispatcher(store, pipeline, adapter, limits=limits, settings=settings)
+    try:
+        with anyio.fail_after(8):
+            if how == "stopped":
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(dispatcher.run_until_idle)
+                    while adapter.started == 0:
+                        await anyio.sleep(0.01)
+                    tg.cancel_scope.cancel()
+                assert {j.status for j in store.jobs(run.id)} == {JobStatus.READY}
+            else:
+                await dispatcher.run_until_idle()
+                statuses = {i.key: i.status for i in store.items(run.id)}
+                assert statuses["i1"] is statuses["i2"] is ItemStatus.COMPLETED, [
+                    i.error for i in store.items(run.id)
+                ]
+        # nothing is in flight any more: the place is free at once
+        booked = store.reserve("m", ModelLimits(max_in_flight=1), 1, time.time())
+        assert not isinstance(booked, Deny), booked
+    finally:
+        store.close()

@@ -268,6 +268,9 @@ class Dispatcher:
         self._stage_hold: dict[str, tuple[float, str]] = {}
         self._counted: dict[tuple[str, bytes], int] = {}  # count_tokens answers, by prompt
         self._prepared: dict[str, _Prepared] = {}  # by job id, from the claim's plan
+        # the rate booking of each job in flight until a finish carries it to the store; one
+        # left when the job ends (lease lost, timed out, crashed, stopped) is ended on its own
+        self._booked: dict[str, Used] = {}
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._ended = 0  # jobs that have left the dispatcher, finished or not
@@ -520,7 +523,7 @@ class Dispatcher:
             batch, self._pending = self._pending, []
             self._batch_written = None
             try:
-                held = await self._write([p.finish for p in batch])
+                written = await self._write([p.finish for p in batch])
             except BaseException:
                 # cancelled (the dispatcher is stopping) before the batch was written, or known
                 # not to be: its jobs wait for it, shielded, and must hear of it
@@ -528,11 +531,12 @@ class Dispatcher:
                     p.error = RuntimeError("the dispatcher stopped before this was recorded")
                 batch[0].written.set()
                 raise
-            if isinstance(held, Exception):
+            if isinstance(written, Exception):
                 for p in batch:
-                    p.error = held
+                    p.error = written
                 batch[0].written.set()
                 continue
+            held, first_try = written
             self.stats.finish_batches += 1
             settled = False
             for p, ok in zip(batch, held, strict=True):
@@ -541,22 +545,39 @@ class Dispatcher:
             batch[0].written.set()
             if settled:
                 self._drain_wake.set()
+            if first_try:
+                # a finish whose lease was lost changed nothing, its booking included, which
+                # would hold its model's in-flight place until IN_FLIGHT_TTL_S. After a retry,
+                # a lease not held may be one our first try's lost commit ended: left alone
+                for p, ok in zip(batch, held, strict=True):
+                    if not ok and p.finish.used is not None:
+                        await self._end_booking(p.finish.used)
 
-    async def _write(self, batch: list[Finish]) -> list[bool] | Exception:
+    async def _write(self, batch: list[Finish]) -> tuple[list[bool], bool] | Exception:
         """Store.finish, tried again while the store is away (a database restarting) for up to
         store_retry_s: the batch is conditional on each lease, so a second try after a commit
-        whose answer was lost changes nothing."""
+        whose answer was lost changes nothing. With whether the first try answered."""
         deadline = anyio.current_time() + self.settings.store_retry_s
         delay = 0.05
+        first_try = True
         while True:
             try:
-                return await self._db(self.store.finish, batch, self.clock.now())
+                return await self._db(self.store.finish, batch, self.clock.now()), first_try
             except Exception as exc:
+                first_try = False
                 self.stats.store_errors += 1
                 if anyio.current_time() + delay > deadline:
                     return exc
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    async def _end_booking(self, used: Used) -> None:
+        """Give the store a booking no finish carried (shielded: a stopping dispatcher ends
+        its jobs' bookings too). A store that is away leaves it to IN_FLIGHT_TTL_S."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self._db(
+                self.store.reconcile, used.reservation, used.tokens, used.sent_at, sent=used.sent
+            )
 
     async def _heartbeats(self) -> None:
         """Renew every lease in flight, in one transaction per beat."""
@@ -644,13 +665,17 @@ class Dispatcher:
     def _denied(self, denied: Denied) -> None:
         self._prepared.pop(denied.job.id, None)
         stage, deny, now = denied.job.stage, denied.deny, self.clock.now()
-        if denied.job.model_index == 0:
+        until, reason = self._stage_hold.get(stage, (0.0, ""))
+        if denied.job.model_index == 0 and (until <= now or deny.retry_at < until):
             # the earliest of the denials: a smaller request may fit before a larger one
-            until, _ = self._stage_hold.get(stage, (0.0, ""))
-            if until <= now or deny.retry_at < until:
-                self._stage_hold[stage] = (deny.retry_at, deny.reason)
+            self._stage_hold[stage] = (deny.retry_at, deny.reason)
         self.stats.deferred += 1
-        self._emit(events.Deferred(denied.job.id, stage, denied.model, deny.reason, deny.retry_at))
+        # one event per wait: denied again for the reason of a hold that has just ended is the
+        # same wait going on (an in-flight limit is asked again every 50 ms)
+        if reason != deny.reason or until < now - 1.0:
+            self._emit(
+                events.Deferred(denied.job.id, stage, denied.model, deny.reason, deny.retry_at)
+            )
 
     # one job --------------------------------------------------------------------------------------
     async def _run_job(self, claimed: ClaimedJob) -> None:
@@ -665,6 +690,8 @@ class Dispatcher:
             )
         )
         lease_box = [claimed.lease]
+        if claimed.reservation is not None:
+            self._booked[job.id] = Used(claimed.reservation, 0, sent=False)
         try:
             # one scope per job: the heartbeat cancels it when the lease is lost, the watchdog
             # when it runs past the stage's time limit
@@ -685,12 +712,16 @@ class Dispatcher:
             # the dispatcher is stopping: hand the job back now rather than after the lease
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 now = self.clock.now()
-                stopped = Release(lease_box[0], now, "dispatcher stopped")
-                await self._db(self.store.finish, [stopped], now)
+                used = self._booked.pop(job.id, None)
+                stopped = Release(lease_box[0], now, "dispatcher stopped", used)
+                if not (await self._db(self.store.finish, [stopped], now))[0] and used:
+                    await self._end_booking(used)  # the lease was lost: the Release did nothing
             raise
         finally:
             self._live.pop(job.id, None)
             self._prepared.pop(job.id, None)
+            if (used := self._booked.pop(job.id, None)) is not None:
+                await self._end_booking(used)
             self._in_flight -= 1
             self._ended += 1
             self._wake.set()
@@ -700,6 +731,8 @@ class Dispatcher:
         # no more heartbeats: the job is being finished (a renewal racing the commit would
         # find it no longer running and call the lease lost)
         live = self._live.pop(done.lease.job_id, None)
+        if done.used is not None:
+            self._booked.pop(done.lease.job_id, None)
         if self._batch_written is None:
             self._batch_written = anyio.Event()
         pending = _Pending(done, self._batch_written)
@@ -816,6 +849,8 @@ class Dispatcher:
             await self._finish(Release(lease_box[0], started, f"{model} is blocked", unsent))
             self.stats.deferred += 1
             return
+        # from here the request may leave: counted as booked unless a finish says otherwise
+        self._booked[job.id] = Used(booking, booking.tokens)
         try:
             response = await self._adapters[model].generate(request)
             output = stage.parse(response)

@@ -57,7 +57,9 @@ class FellBack:
 @fast_init
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """No quota now: the job went back unrun, to be claimed again at `until`."""
+    """No quota now: the job went back unrun, to be claimed again at `until`. Said once per
+    wait of a stage: while it stays held for the same reason (an in-flight limit is asked
+    again every 50 ms), further deferrals are only counted (DispatchStats.deferred)."""
 
     job_id: str
     stage: str

@@ -296,13 +296,19 @@ class Store(Protocol):
         ...
 
     def reconcile(
-        self, reservation: Reservation, tokens: int, sent_at: float | None = None
+        self,
+        reservation: Reservation,
+        tokens: int,
+        sent_at: float | None = None,
+        *,
+        sent: bool = True,
     ) -> None:
         """Replace the estimate with the provider's count and end the in-flight booking.
 
         `sent_at`, when later than the booking, moves the booking to it: the provider's window
         counts the request from when it arrived, and a call can leave well after its booking
         (a busy event loop, a new connection), so a slot must free up 60 s after the send.
+        `sent=False`: the request never left, and the booking is undone.
         """
         ...
 

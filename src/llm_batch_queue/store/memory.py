@@ -721,10 +721,15 @@ class MemoryStore:
             del self._days[day]
 
     def reconcile(
-        self, reservation: Reservation, tokens: int, sent_at: float | None = None
+        self,
+        reservation: Reservation,
+        tokens: int,
+        sent_at: float | None = None,
+        *,
+        sent: bool = True,
     ) -> None:
         with self._lock:
-            self._reconcile(Used(reservation, tokens, sent_at))
+            self._reconcile(Used(reservation, tokens, sent_at, sent))
 
     def _reconcile(self, used: Used) -> None:
         self._change(reconciled([used]))

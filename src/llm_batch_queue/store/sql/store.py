@@ -358,10 +358,15 @@ class SQLStore:
             return ledger.reserve(conn, model, limits, tokens, now)
 
     def reconcile(
-        self, reservation: Reservation, tokens: int, sent_at: float | None = None
+        self,
+        reservation: Reservation,
+        tokens: int,
+        sent_at: float | None = None,
+        *,
+        sent: bool = True,
     ) -> None:
         with self._tx(write=True) as conn:
-            ledger.reconcile(conn, [Used(reservation, tokens, sent_at)])
+            ledger.reconcile(conn, [Used(reservation, tokens, sent_at, sent)])
 
     def block_model(self, model: str, until: float, reason: str) -> None:
         with self._tx(write=True) as conn:
