@@ -21,6 +21,7 @@ from llm_batch_queue.adapters.scripted import ScriptedAdapter
 from llm_batch_queue.clock import FakeClock
 from llm_batch_queue.dispatch import Dispatcher, DispatcherSettings
 from llm_batch_queue.errors import (
+    ConfigError,
     InvalidOutput,
     ModelNotFound,
     PermanentError,
@@ -214,6 +215,35 @@ async def test_rpm_limit_holds_and_task_stages_reserve_no_quota() -> None:
     assert {a.result.model for a in store.attempts(run_id) if a.stage in ("insert", "summary")} == {
         None
     }
+
+
+async def test_a_default_entry_limits_the_models_not_listed() -> None:
+    # flash (analyze's fallback and structure's model) has no entry of its own
+    limits = {"pro": ModelLimits(rpm=100), "default": ModelLimits(rpm=4, window_margin_s=0.0)}
+    store, dispatcher, run_id, _ = setup(6, ScriptedAdapter(), limits)
+    await dispatcher.run_until_idle()
+    assert store.get_run(run_id).status is RunStatus.COMPLETED
+    attempts = store.attempts(run_id)
+    starts = sorted(a.result.started_at for a in attempts if a.result.model == "flash")
+    assert len(starts) == 6
+    assert starts[4] - starts[0] >= 60.0  # never 5 calls inside one 60 s window
+
+
+def test_limits_that_leave_out_a_model_of_the_pipeline_are_refused() -> None:
+    """A fallback forgotten in the limits used to run unlimited, silently (new user's trial)."""
+    with pytest.raises(ConfigError) as caught:
+        setup(1, ScriptedAdapter(), {"pro": ModelLimits(rpm=100)})
+    assert str(caught.value) == (
+        "no limits for 'flash' (pipeline 'test'); give each its ModelLimits, a 'default' entry "
+        "for every model not listed, or ModelLimits() to run one unlimited"
+    )
+    setup(1, ScriptedAdapter(), {"pro": ModelLimits(rpm=100), "flash": ModelLimits()})  # said so
+    setup(1, ScriptedAdapter(), None)  # no limits at all: every model unlimited
+
+
+def test_a_model_listed_twice_in_a_chain_is_refused() -> None:
+    with pytest.raises(ConfigError, match="a model is listed twice"):
+        Pipeline("p", (ModelStage("s", ("m", "m"), lambda c: Prompt("q")),))
 
 
 async def test_run_once_respects_max_jobs_and_leaves_the_rest_for_the_next_tick() -> None:
@@ -699,10 +729,19 @@ async def test_waiting_for_another_workers_leases_is_said_once_then_the_jobs_are
     stats = await dispatcher.run_once()
     assert stats.claimed == 0
     (note,) = seen
-    assert note == events.WaitingForLeases(1, dead.lease.expires_at)
+    assert note == events.WaitingForLeases(1, dead.lease.expires_at, ending=True)
     assert isinstance(note, events.WaitingForLeases)
-    assert note.explain(clock.now()).endswith("the first at " + time.strftime(
-        "%H:%M:%S", time.localtime(dead.lease.expires_at)) + " (in 60 s)")  # fmt: skip
+    at = time.strftime("%H:%M:%S", time.localtime(dead.lease.expires_at))
+    assert note.explain(clock.now()) == (
+        f"1 job running under other workers' leases, the first ending at {at} (in 60 s); "
+        "nothing else is due, so this dispatch ends: a later one takes them over if their "
+        "worker has stopped"
+    )
+    staying = events.WaitingForLeases(2, dead.lease.expires_at).explain(clock.now())
+    assert staying == (
+        "2 jobs running under other workers' leases; if their worker has stopped, they are "
+        f"taken over when the leases end, the first at {at} (in 60 s)"
+    )
     # waiting (the fake clock jumps) says nothing more, then takes the job over and ends it
     await dispatcher.run_until_idle()
     waits = [e for e in seen if isinstance(e, events.WaitingForLeases)]

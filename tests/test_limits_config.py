@@ -97,7 +97,7 @@ def test_a_file_not_ending_in_toml_is_read_as_json(tmp_path: Path) -> None:
 def test_toml_file_with_quoted_model_tables_and_default(tmp_path: Path) -> None:
     path = _write(tmp_path, "limits.TOML", TOML)
     limits = load_limits(path)
-    assert list(limits) == ["gemini-2.5-flash", "gpt-4o.mini"]
+    assert list(limits) == ["default", "gemini-2.5-flash", "gpt-4o.mini"]
     # the model's own day_tz wins over the default; window_s comes from the default
     assert limits["gemini-2.5-flash"] == ModelLimits(
         rpm=1000,
@@ -122,14 +122,16 @@ def test_default_applies_to_every_model_unless_overridden() -> None:
         }
     )
     assert load_limits(text) == {
+        "default": ModelLimits(rpm=60, max_in_flight=4, day_tz="Europe/Paris"),
         "a": ModelLimits(rpm=60, max_in_flight=4, day_tz="Europe/Paris"),
         "b": ModelLimits(rpm=10, max_in_flight=4, day_tz="Europe/Paris"),
         "c": ModelLimits(rpm=None, max_in_flight=4, day_tz="UTC"),
     }
 
 
-def test_default_alone_yields_no_models_but_is_still_checked() -> None:
-    assert load_limits('{"default": {"rpm": 5}}') == {}
+def test_default_alone_is_kept_for_the_models_it_does_not_list_and_checked() -> None:
+    # it used to give an empty mapping: every model ran unlimited, silently
+    assert load_limits('{"default": {"rpm": 5}}') == {"default": ModelLimits(rpm=5)}
     assert _error('{"default": {"rpm": 0}}') == (
         "limits JSON text: default, key 'rpm': rpm must be a positive integer or None, got 0"
     )
@@ -151,6 +153,7 @@ def test_env_path_to_json_and_toml(tmp_path: Path) -> None:
     toml_path = _write(tmp_path, "l.toml", TOML)
     assert limits_from_env({"LBQ_LIMITS": str(json_path)}) == {"gemini-2.5-flash": FLASH_LIMITS}
     assert set(limits_from_env({"LBQ_LIMITS": str(toml_path)})) == {
+        "default",
         "gemini-2.5-flash",
         "gpt-4o.mini",
     }
@@ -413,3 +416,19 @@ def test_app_refuses_a_chain_model_without_limits() -> None:
     # unlimited, the dispatcher would send as fast as it can: a 429 storm
     with pytest.raises(ConfigError, match=r"^ELEVRA_STRUCTURE_MODELS uses 'm3', which has no"):
         AppConfig.from_env({"ELEVRA_STRUCTURE_MODELS": "gemini-2.5-flash,m3"})
+    # an entry that sets no rate limit is no limit either (adversarial trial)
+    with pytest.raises(ConfigError, match=r"^ELEVRA_ANALYZE_MODELS uses 'gemini-2.5-pro', which"):
+        AppConfig.from_env({"ELEVRA_LIMITS": '{"gemini-2.5-pro": {"max_in_flight": 4}}'})
+    with pytest.raises(ConfigError, match=r"give rpm, tpm or rpd in ELEVRA_LIMITS"):
+        AppConfig.from_env({"ELEVRA_ANALYZE_MODELS": "m", "ELEVRA_LIMITS": '{"m": {}}'})
+
+
+def test_app_refuses_a_default_entry_it_would_apply_to_no_model() -> None:
+    # every model here has limits of its own, so a default changed nothing, silently
+    with pytest.raises(ConfigError, match=r"^ELEVRA_LIMITS: 'default' is not taken here"):
+        AppConfig.from_env({"ELEVRA_LIMITS": '{"default": {"rpm": 5}}'})
+
+
+def test_app_refuses_a_model_twice_in_a_chain() -> None:
+    with pytest.raises(ConfigError, match=r"^ELEVRA_ANALYZE_MODELS names 'gemini-2.5-pro' more"):
+        AppConfig.from_env({"ELEVRA_ANALYZE_MODELS": "gemini-2.5-pro, gemini-2.5-pro"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -11,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.limits import ModelLimits
-from llm_batch_queue.limits_config import limits_from_env
+from llm_batch_queue.limits_config import DEFAULT_KEY, limits_from_env
 from llm_batch_queue.notify import SMTPSettings
 from llm_batch_queue.summary import ModelPrice, load_prices
 
@@ -96,11 +97,11 @@ class AppConfig:
             ("ELEVRA_ANALYZE_MODELS", self.analyze_models),
             ("ELEVRA_STRUCTURE_MODELS", self.structure_models),
         ):
-            if missing := [m for m in chain if m not in self.limits]:
+            if missing := [m for m in chain if not _rate_limited(self.limits.get(m))]:
                 raise ConfigError(
                     f"{variable} uses {', '.join(map(repr, missing))}, which has no rate "
-                    "limits: give them in ELEVRA_LIMITS or --limits (unlimited, the dispatcher "
-                    "would send as fast as it can and meet the provider's 429s)"
+                    "limits: give rpm, tpm or rpd in ELEVRA_LIMITS or --limits (unlimited, the "
+                    "dispatcher would send as fast as it can and meet the provider's 429s)"
                 )
         self._check_email()
 
@@ -148,7 +149,7 @@ class AppConfig:
             hidden=_bool(env, "ELEVRA_HIDDEN", default=True),
             concurrency=_int(env, "ELEVRA_CONCURRENCY", base.concurrency),
             timeout_ms=_int(env, "GEMINI_TIMEOUT_MS", base.timeout_ms),
-            lease_s=_int(env, "ELEVRA_LEASE_S", int(base.lease_s)),
+            lease_s=_seconds(env, "ELEVRA_LEASE_S", base.lease_s),
             prices={**base.prices, **_prices(env)},
             email_transport=_transport(env),
             email_from=env.get("ELEVRA_EMAIL_FROM") or base.email_from,
@@ -196,6 +197,12 @@ def _merged(
 ) -> dict[str, ModelLimits]:
     """`named` replacing those models' limits whole. A model no chain uses is refused: most
     often a typo, which would leave the real model on limits the user meant to change."""
+    if DEFAULT_KEY in named:
+        # every model here has limits (built in or given), so a default would apply to none
+        raise ConfigError(
+            f"{source}: {DEFAULT_KEY!r} is not taken here, the models have limits of their own: "
+            "list each model whose limits you change, with all of its limits"
+        )
     if unused := sorted(set(named) - used):
         raise ConfigError(
             f"{source} sets limits for {', '.join(map(repr, unused))}, which no model chain "
@@ -221,6 +228,10 @@ def _path(value: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def _rate_limited(limits: ModelLimits | None) -> bool:
+    return limits is not None and any(x is not None for x in (limits.rpm, limits.tpm, limits.rpd))
+
+
 def _models(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     value = env.get(name)
     if not value:
@@ -228,6 +239,11 @@ def _models(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tupl
     models = tuple(m.strip() for m in value.split(",") if m.strip())
     if not models:
         raise ConfigError(f"{name} must name at least one model, got {value!r}")
+    if repeated := sorted({m for m in models if models.count(m) > 1}):
+        raise ConfigError(
+            f"{name} names {', '.join(map(repr, repeated))} more than once: a fallback must be "
+            "another model"
+        )
     return models
 
 
@@ -240,6 +256,16 @@ def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {env[name]!r}")
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env[name]) if env.get(name) else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {env[name]!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number of seconds, got {env[name]!r}")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -18,6 +18,7 @@ import contextvars
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -55,6 +56,7 @@ from llm_batch_queue.jobs import (
     Scope,
 )
 from llm_batch_queue.limits import Deny, ModelLimits
+from llm_batch_queue.limits_config import DEFAULT_KEY
 from llm_batch_queue.pipeline import ModelStage, Pipeline, StageContext, TaskStage
 from llm_batch_queue.retry import ModelBlock, RetryPolicy, decide
 from llm_batch_queue.store.base import (
@@ -255,6 +257,7 @@ class Dispatcher:
         self.retry = retry or RetryPolicy()
         self.settings = settings or DispatcherSettings()
         self.limits = dict(limits or {})
+        self._model_limits = _limits_by_model(pipeline, self.limits)
         self.stats = DispatchStats()
         self._adapters = _adapter_map(pipeline, adapter)
         self._emit = on_event or (lambda _e: None)
@@ -286,6 +289,7 @@ class Dispatcher:
         self._planned: list[str] = []  # job ids the current claim's plan prepared
         self._local_blocks: dict[str, float] = {}  # model -> until, from 429s seen here
         self._idle_noted = False  # WaitingForLeases said since the last claim that found work
+        self._noted_at = -math.inf  # when it was last said (event loop time)
 
     # public loops -------------------------------------------------------------------------------
     async def run_once(
@@ -437,7 +441,10 @@ class Dispatcher:
                 # (a new user's test run stopped early on a stale lease expiry)
                 continue
             if self._in_flight == 0 and due is not None and due > now:
-                await self._note_leases()
+                ending = stop is None and (
+                    not wait_for_future or (max_wait_s is not None and due - now > max_wait_s)
+                )
+                await self._note_leases(ending)
             if self._in_flight == 0 and stop is None:  # run_forever waits for new work
                 if due is None:
                     return
@@ -447,10 +454,11 @@ class Dispatcher:
                     return
             await self._wait(due)
 
-    async def _note_leases(self) -> None:
-        """Out of work while other workers hold jobs: say so once (after a crash nothing
-        happens until the dead worker's leases end, and silence looks like a hang)."""
-        if self._idle_noted:
+    async def _note_leases(self, ending: bool) -> None:
+        """Out of work while other workers hold jobs: say so once per idle spell, at most once
+        a minute (after a crash nothing happens until the dead worker's leases end, and
+        silence looks like a hang; healthy workers sharing a queue meet it often)."""
+        if self._idle_noted or anyio.current_time() < self._noted_at + 60.0:
             return
         self._idle_noted = True
         try:
@@ -458,7 +466,8 @@ class Dispatcher:
         except Exception:
             return  # only a note: the loop carries on either way
         if leased.jobs and leased.first_expiry is not None:
-            self._emit(events.WaitingForLeases(leased.jobs, leased.first_expiry))
+            self._noted_at = anyio.current_time()
+            self._emit(events.WaitingForLeases(leased.jobs, leased.first_expiry, ending))
 
     def _forget_plans(self, taken: set[str]) -> None:
         """Drop what the last claim's plan prepared for jobs it did not hand out."""
@@ -1087,10 +1096,29 @@ class Dispatcher:
             )
 
     def _limits(self, model: str | None) -> ModelLimits:
-        return self.limits.get(model or "", _UNLIMITED)
+        return self._model_limits.get(model or "", _UNLIMITED)
 
 
 _UNLIMITED = ModelLimits()
+
+
+def _limits_by_model(
+    pipeline: Pipeline, limits: Mapping[str, ModelLimits]
+) -> dict[str, ModelLimits]:
+    """Each model of the pipeline's chains: its own limits, else the `default` entry's. With
+    no limits at all every model is unlimited (tests, a local model); with some, a model left
+    out is refused: most often a fallback forgotten, which would be sent as fast as it can go."""
+    default = limits.get(DEFAULT_KEY)
+    models = sorted(pipeline.model_names)
+    if limits and default is None and (missing := [m for m in models if m not in limits]):
+        raise ConfigError(
+            f"no limits for {', '.join(map(repr, missing))} (pipeline {pipeline.name!r}); "
+            f"give each its ModelLimits, a {DEFAULT_KEY!r} entry for every model not listed, "
+            "or ModelLimits() to run one unlimited"
+        )
+    return {m: limits.get(m, default or _UNLIMITED) for m in models}
+
+
 _COUNT_CACHE_SIZE = 10_000
 
 

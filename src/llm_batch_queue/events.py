@@ -89,18 +89,28 @@ class JobCrashed:
 @dataclass(frozen=True, slots=True)
 class WaitingForLeases:
     """Nothing to claim here, while `jobs` run under other workers' leases (said once each
-    time this dispatcher runs out of work). A crashed worker's jobs are taken over when its
-    leases end, the first at `first_expiry`: until then nothing happens, which is no hang."""
+    time this dispatcher runs out of work, at most once a minute). A crashed worker's jobs are
+    taken over when its leases end, the first at `first_expiry`: until then nothing happens,
+    which is no hang. `ending`: this dispatcher stops now instead (a one-shot dispatch)."""
 
     jobs: int
     first_expiry: float
+    ending: bool = False
 
     def explain(self, now: float) -> str:
         at = time.strftime("%H:%M:%S", time.localtime(self.first_expiry))
+        when = f"{at} (in {max(0.0, self.first_expiry - now):.0f} s)"
+        running = (
+            f"{self.jobs} job{'s' if self.jobs != 1 else ''} running under other workers' leases"
+        )
+        if self.ending:
+            return (
+                f"{running}, the first ending at {when}; nothing else is due, so this dispatch "
+                "ends: a later one takes them over if their worker has stopped"
+            )
         return (
-            f"{self.jobs} job{'s' if self.jobs != 1 else ''} running under other workers' "
-            f"leases; a crashed worker's jobs are taken over when its leases end, the first at "
-            f"{at} (in {max(0.0, self.first_expiry - now):.0f} s)"
+            f"{running}; if their worker has stopped, they are taken over when the leases end, "
+            f"the first at {when}"
         )
 
 

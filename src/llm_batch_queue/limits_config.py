@@ -2,7 +2,8 @@
 variable.
 
 One document, two syntaxes. The top level maps model names to tables of `ModelLimits` fields; the
-reserved name `default` holds values every model gets unless it sets them itself::
+reserved name `default` holds values every model gets unless it sets them itself, and is kept in
+the result under that name: a Dispatcher gives it to the models the document does not list::
 
     {"default": {"day_tz": "America/Los_Angeles"},
      "gemini-2.5-flash": {"rpm": 1000, "tpm": 1000000, "rpd": 10000, "max_in_flight": 50}}
@@ -130,9 +131,10 @@ def _build(data: Any, origin: str) -> dict[str, ModelLimits]:
             f' like {{"gemini-2.5-flash": {{"rpm": 1000}}}}; got {_kind(data)}'
         )
     default: dict[str, Any] = {}
+    out: dict[str, ModelLimits] = {}
     if DEFAULT_KEY in data:
         default = _entry(data[DEFAULT_KEY], origin, "default")
-    out: dict[str, ModelLimits] = {}
+        out[DEFAULT_KEY] = ModelLimits(**default)
     for model, values in data.items():
         if model == DEFAULT_KEY:
             continue

@@ -152,6 +152,11 @@ def _validate(name: str, stages: Sequence[Stage]) -> None:
                 raise ConfigError(f"stage {s.name!r}: models must be a tuple of names, not a str")
             if not s.models or any(not isinstance(m, str) or not m for m in s.models):
                 raise ConfigError(f"stage {s.name!r}: a model stage needs at least one model")
+            if len(set(s.models)) < len(s.models):
+                raise ConfigError(
+                    f"stage {s.name!r}: a model is listed twice in {s.models!r} (a fallback "
+                    "must be another model)"
+                )
             if not callable(s.prompt):
                 raise ConfigError(f"stage {s.name!r}: prompt must be a callable")
         elif not callable(s.run):
