@@ -80,7 +80,7 @@ def log(message: str) -> None:
 
 # the simulator process ---------------------------------------------------------------------------
 def serve_simulator() -> None:
-    from examples.elevra_upload.simulate import _reply
+    from examples.elevra_upload.simulate import reply
     from llm_batch_queue.simulator import FaultConfig, ModelConfig, Simulator
 
     faults = FaultConfig(latency_s=(0.02, 0.2), **FAULTS)  # type: ignore[arg-type]
@@ -92,7 +92,7 @@ def serve_simulator() -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    with Simulator(configs, responder=_reply, seed=11) as sim:
+    with Simulator(configs, responder=reply, seed=11) as sim:
         print(sim.url, flush=True)
         while not stop:
             time.sleep(0.2)

@@ -168,6 +168,32 @@ def test_skip_then_dispatch_finishes_the_upload_and_retry_brings_the_batch_back(
     assert "needs re-upload" not in outcomes(finals[1]["attachments"][0])
 
 
+def test_retry_exits_1_while_the_upload_still_has_failed_batches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its exit code judged the retried batch alone, so a script saw 0 for an upload that still
+    needed re-uploads (new user's trial); it now says what `run` says of the upload."""
+    out = tmp_path / "upload"
+    keys = [b.key for b in group_rows(read_rows(SAMPLE).rows, AppConfig().max_candidates_per_batch)]
+    real_insert = pipeline.insert_batch
+
+    def insert_batch(*args: Any) -> Any:  # the database refuses two batches, the first time
+        if args[2].key in keys[:2]:
+            raise InsertError("simulated: the database refused the batch")
+        return real_insert(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "insert_batch", insert_batch)
+        code, first, _ = cli(capsys, "run", str(SAMPLE), "--out", str(out), "--json", "--quiet")
+    assert first is not None and code == 1 and first["batches_need_reupload"] == 2
+    run_id = str(first["run_id"])
+    code, again, err = cli(capsys, "retry", run_id, keys[0], "--out", str(out), "--json")
+    assert again is not None and again["batches_need_reupload"] == 1
+    assert code == 1 and "the upload ended completed_with_failures" in err
+    code, again, err = cli(capsys, "retry", run_id, keys[1], "--out", str(out), "--json")
+    assert again is not None and again["status"] == "completed" and code == 0, err
+
+
 def test_retry_from_an_earlier_stage_runs_it_and_the_later_ones_again(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,6 +221,19 @@ def test_status_of_an_empty_database_says_so(
     open_store(db).close()  # the queue, no upload yet
     assert main(["status", "--db", str(db)]) == 0
     assert "no uploads in sqlite:///" in capsys.readouterr().out
+
+
+def test_dispatch_on_a_path_without_uploads_says_so_and_sets_nothing_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --out in a cron line made an empty database there and dispatched nothing,
+    silently, every minute (new user's trial)."""
+    typo = tmp_path / "typo"
+    assert main(["dispatch", "--out", str(typo), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "holds no uploads yet (no queue tables there): nothing to dispatch" in err
+    assert json.loads(out)["claimed"] == 0
+    assert not typo.exists()
 
 
 @pytest.mark.postgres
@@ -275,12 +314,18 @@ def test_a_batch_skipped_as_its_insert_starts_writes_nothing(
     [
         ({"ELEVRA_ANALYZE_MODELS": ","}, "ELEVRA_ANALYZE_MODELS"),
         ({"ELEVRA_LEASE_S": "-3"}, "ELEVRA_LEASE_S"),
+        ({"ELEVRA_LEASE_S": "nan"}, "ELEVRA_LEASE_S"),
+        ({"ELEVRA_LEASE_S": "1m"}, "ELEVRA_LEASE_S"),
         ({"GEMINI_TIMEOUT_MS": "0"}, "GEMINI_TIMEOUT_MS"),
     ],
 )
 def test_a_bad_setting_is_named_with_its_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         AppConfig.from_env(env)
+
+
+def test_a_lease_is_seconds_like_the_librarys() -> None:
+    assert AppConfig.from_env({"ELEVRA_LEASE_S": "1.5"}).lease_s == 1.5  # was "an integer"
 
 
 def test_dispatch_progress_says_it_waits_for_other_workers_leases(
@@ -297,3 +342,46 @@ def test_dispatch_progress_says_it_waits_for_other_workers_leases(
     assert "(in 42 s)" in err or "(in 41 s)" in err
     _Progress(quiet=True).on_event(events.WaitingForLeases(3, time.time() + 42))
     assert capsys.readouterr().err == ""
+
+
+def test_workers_can_share_a_simulator_started_with_the_apps_responder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README pointed ELEVRA_GEMINI_BASE_URL at "a shared simulator", but the only one that
+    could be started on its own answered lorem ipsum, so most batches failed (new user's
+    trial). `--responder` serves the app's replies over the real SDK and HTTP."""
+    import subprocess
+    import sys
+
+    models = ["gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llm_batch_queue.simulator", "--port", "0",
+         "--responder", "examples.elevra_upload.simulate:reply",
+         *[arg for m in models for arg in ("--model", m)]],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().split()[-1]
+        monkeypatch.setenv("ELEVRA_GEMINI_BASE_URL", url)
+        out = tmp_path / "upload"
+        code, summary, err = cli(capsys, "run", str(SAMPLE), "--out", str(out), "--json")
+        assert code == 0, err
+        assert summary is not None and summary["status"] == "completed"
+        assert "offline" not in err  # the app started no simulator of its own
+    finally:
+        process.terminate()
+        stats, _ = process.communicate(timeout=10)
+    served = json.loads(stats.strip().splitlines()[-1])
+    answered = sum(s["requests_by_status"].get("200", 0) for s in served.values())
+    assert answered >= 2 * summary["batches"]  # analyze and structure of each batch, here
+
+
+def test_the_simulator_cli_refuses_a_responder_it_cannot_load(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from llm_batch_queue.simulator.__main__ import main as simulator_main
+
+    with pytest.raises(SystemExit):
+        simulator_main(["--responder", "examples.elevra_upload.simulate:nope"])
+    assert "examples.elevra_upload.simulate has no 'nope'" in capsys.readouterr().err

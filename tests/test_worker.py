@@ -149,6 +149,37 @@ def test_a_second_signal_hands_the_jobs_in_flight_back_at_once(
     store.close()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_one_shot_dispatch_and_hands_its_jobs_back(
+    pg_url: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """`dispatch` (cron) died of SIGTERM on the spot, its jobs leased for a minute, and printed a
+    KeyboardInterrupt traceback on Ctrl-C (new user's trial): it now stops as `run` does."""
+    store = SQLStore(pg_url)
+    run_id = _create(store, ["a", "b"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_batch_queue.cli", "dispatch", "--app", "_worker_app:app",
+         "--db", pg_url, "--json"],
+        env=_env(tmp_path / "effects.txt", LBQ_TEST_LATENCY_S="60"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        running = lambda: sum(j.status is JobStatus.RUNNING for j in store.jobs(run_id)) == 2  # noqa: E731
+        _wait_for(running, 30, "two calls in flight")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)  # well before the 60-s calls would end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "dispatch: interrupted, jobs in flight handed back" in err
+    assert '"claimed": 2' in out
+    asks = [j for j in store.jobs(run_id) if j.stage == "ask"]
+    assert all(j.status is JobStatus.READY and j.attempts == 0 for j in asks)
+    store.close()
+
+
 def test_the_dispatcher_carries_on_through_dropped_database_connections(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,4 +311,5 @@ def test_a_dispatch_that_finds_only_a_dead_workers_jobs_says_when_they_are_taken
     assert '"claimed": 0' in out.out
     assert "waiting: 1 job running under other workers' leases" in out.err
     at = time.strftime("%H:%M:%S", time.localtime(dead.lease.expires_at))
-    assert f"the first at {at} (in " in out.err
+    assert f"the first ending at {at} (in " in out.err
+    assert "so this dispatch ends: a later one takes them over" in out.err  # it does not wait

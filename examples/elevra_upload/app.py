@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from llm_batch_queue.simulator import Simulator
 from llm_batch_queue.store.base import Purge, Store
 from llm_batch_queue.store.sql import open_store
 from llm_batch_queue.store.sql.engine import WRITE, make_engine
-from llm_batch_queue.worker import WorkerApp, serve
+from llm_batch_queue.worker import WorkerApp, cancel_on_signal, serve
 
 
 @dataclass
@@ -168,7 +167,7 @@ class ElevraApp:
             # one event loop for the calls and the client's close: its connections belong to it
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(stop_on_signal, tg.cancel_scope)
+                    tg.start_soon(cancel_on_signal, tg.cancel_scope, stop)
                     if until_idle and time_budget_s is None and max_jobs is None:
                         await dispatcher.run_until_idle(run_id=run_id)
                     else:
@@ -178,15 +177,9 @@ class ElevraApp:
                 assert parts.close is not None
                 await parts.close()
 
-        async def stop_on_signal(scope: anyio.CancelScope) -> None:
-            # Ctrl-C or a supervisor's SIGTERM cancels at the next await, never halfway through
-            # a store transaction; the dispatcher then hands its in-flight jobs back
+        def stop() -> None:  # Ctrl-C or a supervisor's SIGTERM
             nonlocal stopped
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    stopped = True
-                    scope.cancel()
-                    return
+            stopped = True
 
         anyio.run(drive)
         if stopped:

@@ -25,6 +25,7 @@ from examples.elevra_upload.app import ElevraApp, open_app
 from examples.elevra_upload.config import AppConfig
 from examples.elevra_upload.ingest import IngestError
 from llm_batch_queue import events
+from llm_batch_queue.dispatch import DispatchStats
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.jobs import ItemStatus
 from llm_batch_queue.limits_config import load_limits
@@ -144,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not holds_queue(where):
                 print(f"error: {where} holds no uploads (no queue tables there)", file=sys.stderr)
                 return 2
+        elif args.command == "dispatch" and not holds_queue(where := _database(args)):
+            # nothing to do there, and most often a mistyped --out/--db in a cron line: said,
+            # and nothing set up (a worker may wait on an empty database for the first upload)
+            print(f"{where} holds no uploads yet (no queue tables there): nothing to dispatch",
+                  file=sys.stderr)  # fmt: skip
+            if args.json:
+                print(json.dumps({k: getattr(DispatchStats(), k) for k in DispatchStats.__slots__}))
+            return 0
         with open_app(config, args.out, args.db, simulate=simulate and calls_models) as app:
             if args.command == "run":
                 return _run(app, args)
@@ -218,16 +227,24 @@ def _run(app: ElevraApp, args: argparse.Namespace) -> int:
     log.say(_human(summary))
     if args.json:
         print(json.dumps(summary))
+    return _outcome(log, summary)
+
+
+def _outcome(log: _Progress, summary: dict[str, Any]) -> int:
+    """Say what still needs someone; 0 if the upload completed and no e-mail needs an admin."""
     stuck = []  # e-mails that need an admin; pending or sending ones are on their way
     for note in summary["emails_undelivered"]:
+        error = f": {note['error']}" if note["error"] else ""
         if note["status"] in ("pending", "sending"):
-            log.say(f"  e-mail {note['kind']} is {note['status']} (a worker or the next dispatch)")
+            log.say(
+                f"  e-mail {note['kind']} is {note['status']} (a worker or the next dispatch "
+                f"sends it){'; last try' + error if error else ''}"
+            )
         else:
             stuck.append(note)
-            error = f": {note['error']}" if note["error"] else ""
             log.say(f"  e-mail {note['kind']} not delivered ({note['status']}){error}")
     if summary["status"] != "completed":
-        log.say(f"  the upload ended {summary['status']}: see `status {run.id}`")
+        log.say(f"  the upload ended {summary['status']}: see `status {summary['run_id']}`")
     return 0 if summary["status"] == "completed" and not stuck else 1
 
 
@@ -272,8 +289,8 @@ def _retry(app: ElevraApp, args: argparse.Namespace) -> int:
     log.say(_human(summary))
     if args.json:
         print(json.dumps(summary))
-    after = next(i for i in app.store.items(args.run_id) if i.key == item.key)
-    return 1 if after.status is ItemStatus.NEEDS_REUPLOAD else 0
+    # like `run`: what the upload came to (re-queued only, there is nothing to judge yet)
+    return 0 if args.no_dispatch else _outcome(log, summary)
 
 
 def _skip(app: ElevraApp, args: argparse.Namespace) -> int:

@@ -13,7 +13,10 @@ from llm_batch_queue.limits import ModelLimits
 from llm_batch_queue.simulator import FaultConfig, ModelConfig, SimRequest, Simulator
 
 
-def _reply(request: SimRequest) -> str:
+def reply(request: SimRequest) -> str:
+    """The simulator's answer to one of the app's prompts. A shared simulator for several
+    workers: `python -m llm_batch_queue.simulator --responder examples.elevra_upload.simulate:reply
+    --model gemini-2.5-pro --model gemini-2.5-flash --model gemini-2.5-flash-lite`."""
     return respond(request.model, request.prompt, request.wants_json)
 
 
@@ -31,4 +34,4 @@ def start_simulator(
         configs[model] = ModelConfig(
             rpm=lim.rpm, tpm=lim.tpm, rpd=lim.rpd, faults=FaultConfig(latency_s=latency_s)
         )
-    return Simulator(configs, responder=_reply, seed=seed).start()
+    return Simulator(configs, responder=reply, seed=seed).start()

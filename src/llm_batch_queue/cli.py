@@ -13,7 +13,6 @@ poll. Exit codes: 0 done, 2 bad arguments or configuration, 130 stopped by a sig
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -24,10 +23,11 @@ from dataclasses import asdict, replace
 import anyio
 
 from llm_batch_queue import events
+from llm_batch_queue._imports import load_attribute
 from llm_batch_queue.dispatch import DispatcherSettings, DispatchStats
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.store.base import Store
-from llm_batch_queue.worker import AppFactory, Wakeups, WorkerApp, serve
+from llm_batch_queue.worker import AppFactory, Wakeups, WorkerApp, cancel_on_signal, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(
             "--db",
             default=os.environ.get("LBQ_DATABASE_URL"),
-            help="database URL, or a SQLite file's path",
+            help="database URL, or a SQLite file's path (default: $LBQ_DATABASE_URL)",
         )
     for p in (worker, dispatch):
         p.add_argument("--app", required=True, help="module:attribute of a WorkerApp factory")
@@ -86,48 +86,50 @@ def _run(args: argparse.Namespace) -> int:
                 lambda: serve(store, app, wakeups=wakeups_for(store), grace_s=args.grace)
             )
         else:
-            stats = anyio.run(lambda: _once(store, app, args.time_budget, args.max_jobs))
+            stats, stopped = anyio.run(lambda: _once(store, app, args.time_budget, args.max_jobs))
     finally:
         store.close()
     summary = asdict(stats)
-    print(f"{args.command}: {summary}", file=sys.stderr)
+    if args.command == "dispatch" and stopped:
+        print(f"dispatch: interrupted, jobs in flight handed back: {summary}", file=sys.stderr)
+    else:
+        print(f"{args.command}: {summary}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
-    return 0
+    return 130 if args.command == "dispatch" and stopped else 0
 
 
 async def _once(
     store: Store, app: WorkerApp, time_budget_s: float | None, max_jobs: int | None
-) -> DispatchStats:
+) -> tuple[DispatchStats, bool]:
+    """run_once, stopped by SIGINT/SIGTERM (True then) like a worker, not killed mid-job."""
     dispatcher = app.dispatcher(store)
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+
     try:
-        return await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_on_signal, tg.cancel_scope, stop)
+            await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+            tg.cancel_scope.cancel()
     finally:
         if app.close is not None:
-            await app.close()
+            with anyio.CancelScope(shield=True):
+                await app.close()
+    return dispatcher.stats, stopped
 
 
 def load_app(spec: str) -> AppFactory:
     """`pkg.module:attribute` -> the factory (or a WorkerApp, wrapped as one)."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"--app must look like pkg.module:factory, got {spec!r}")
-    # as `python -m` and uvicorn/celery do: the user's own package in the working directory
-    # must be importable without PYTHONPATH (a console script's sys.path lacks the cwd)
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"--app {spec}: cannot import {module_name!r}: {exc}") from None
-    try:
-        found = getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(f"--app {spec}: {module_name} has no {attribute!r}") from None
+    found = load_attribute(spec, "--app", "factory")
     if isinstance(found, WorkerApp):
         return lambda _store: found
     if not callable(found):
-        raise ConfigError(f"--app {spec}: {attribute!r} is neither a WorkerApp nor a factory")
+        what = spec.partition(":")[2]
+        raise ConfigError(f"--app {spec}: {what!r} is neither a WorkerApp nor a factory")
 
     def build(store: Store) -> WorkerApp:
         app = found(store)

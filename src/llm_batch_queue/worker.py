@@ -94,6 +94,17 @@ async def _on_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
             stop.set()
 
 
+async def cancel_on_signal(scope: anyio.CancelScope, on_signal: Callable[[], None]) -> None:
+    """Cancel `scope` at the first SIGINT or SIGTERM, after calling `on_signal`: a one-shot
+    dispatch stops at its next await, never halfway through a store transaction, and hands
+    its jobs in flight back."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            on_signal()
+            scope.cancel()
+            return
+
+
 async def _grace(stop: anyio.Event, grace_s: float, scope: anyio.CancelScope) -> None:
     await stop.wait()
     await anyio.sleep(grace_s)
