@@ -385,3 +385,18 @@ def test_the_simulator_cli_refuses_a_responder_it_cannot_load(
     with pytest.raises(SystemExit):
         simulator_main(["--responder", "examples.elevra_upload.simulate:nope"])
     assert "examples.elevra_upload.simulate has no 'nope'" in capsys.readouterr().err
+
+
+def test_run_names_the_rejected_rows_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "1 rejected" and nothing of which or why (new user's trial)."""
+    lines = SAMPLE.read_text().splitlines()[:3]
+    named = '"Hollis L. Fairleigh","HOLLIS","LINDEN","FAIRLEIGH"'
+    nameless = lines[1].replace(named, '"","","",""')
+    upload = tmp_path / "upload.csv"
+    upload.write_text("\n".join([*lines, nameless]) + "\n")
+    code, summary, err = cli(capsys, "run", str(upload), "--out", str(tmp_path / "o"), "--json")
+    assert code == 0 and summary is not None, err
+    assert "2 rows (utf-8), 1 rejected" in err
+    assert "  rejected: row 3: missing candidate name" in err

@@ -216,6 +216,10 @@ def _run(app: ElevraApp, args: argparse.Namespace) -> int:
     )
     for issue in ingest.warnings[:10]:
         log.say(f"  warning: {issue}")
+    for row in ingest.rejected[:10]:  # all of them are in the workbook's Results sheet
+        log.say(f"  rejected: row {row.row_number}: {row.reason}")
+    if len(ingest.rejected) > 10:
+        log.say(f"  rejected: {len(ingest.rejected) - 10} more rows (see the workbook)")
     if app.simulator is not None:
         log.say(
             f"offline: simulated Gemini at {app.simulator.url} (answers derive from the rows; "
