@@ -400,3 +400,26 @@ def test_run_names_the_rejected_rows_on_stderr(
     assert code == 0 and summary is not None, err
     assert "2 rows (utf-8), 1 rejected" in err
     assert "  rejected: row 3: missing candidate name" in err
+
+
+def test_a_listing_into_a_closed_pipe_ends_quietly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status … | head` printed "error: [Errno 32] Broken pipe" and exited 2 (new user's
+    trial): the reader has what it wanted."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    assert cli(capsys, "run", str(SAMPLE), "--out", str(out), "--quiet")[0] == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "examples.elevra_upload", "status", "--out", str(out)],
+            stdout=write, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")

@@ -417,7 +417,9 @@ def test_app_refuses_a_chain_model_without_limits() -> None:
     with pytest.raises(ConfigError, match=r"^ELEVRA_STRUCTURE_MODELS uses 'm3', which has no"):
         AppConfig.from_env({"ELEVRA_STRUCTURE_MODELS": "gemini-2.5-flash,m3"})
     # an entry that sets no rate limit is no limit either (adversarial trial)
-    with pytest.raises(ConfigError, match=r"^ELEVRA_ANALYZE_MODELS uses 'gemini-2.5-pro', which"):
+    with pytest.raises(
+        ConfigError, match=r"^ELEVRA_ANALYZE_MODELS uses 'gemini-2.5-pro', whose limits set none"
+    ):
         AppConfig.from_env({"ELEVRA_LIMITS": '{"gemini-2.5-pro": {"max_in_flight": 4}}'})
     with pytest.raises(ConfigError, match=r"give rpm, tpm or rpd in ELEVRA_LIMITS"):
         AppConfig.from_env({"ELEVRA_ANALYZE_MODELS": "m", "ELEVRA_LIMITS": '{"m": {}}'})

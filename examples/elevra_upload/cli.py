@@ -169,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "cleanup":
                 return _cleanup(app, args)
             return _status(app, args)
+    except BrokenPipeError:
+        # `status … | head`: the reader has what it wanted; stay quiet, also at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (IngestError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -98,10 +98,12 @@ class AppConfig:
             ("ELEVRA_STRUCTURE_MODELS", self.structure_models),
         ):
             if missing := [m for m in chain if not _rate_limited(self.limits.get(m))]:
+                listed = [m for m in missing if m in self.limits]
+                why = "whose limits set none of rpm, tpm, rpd" if listed else "which has no limits"
                 raise ConfigError(
-                    f"{variable} uses {', '.join(map(repr, missing))}, which has no rate "
-                    "limits: give rpm, tpm or rpd in ELEVRA_LIMITS or --limits (unlimited, the "
-                    "dispatcher would send as fast as it can and meet the provider's 429s)"
+                    f"{variable} uses {', '.join(map(repr, missing))}, {why}: give rpm, tpm or "
+                    "rpd in ELEVRA_LIMITS or --limits (unlimited, the dispatcher would send as "
+                    "fast as it can and meet the provider's 429s)"
                 )
         self._check_email()
 

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         type=parse_model_spec,
         metavar="NAME[:key=value,...]",
-        help="repeatable; keys: rpm, tpm, rpd, thinking_tokens, not_found, latency=LOW-HIGH, "
+        help="repeatable; keys: rpm, tpm, rpd, thinking_tokens, not_found, latency=LOW-HIGH "
+        "(seconds), "
         "server_error_rate, unavailable_rate, stall_rate, stall_s, not_json_rate, empty_rate, "
         "rate_limit_rate, rate_limit_retry_s, "
         "truncated_rate",
