@@ -817,3 +817,70 @@ async def test_a_call_that_ends_without_its_finish_gives_back_its_in_flight_plac
         assert not isinstance(booked, Deny), booked
     finally:
         store.close()
+
+
+class _FinishFailsAtFirst(MemoryStore):
+    """A store whose first finishes fail, as a database away for longer than store_retry_s."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def finish(self, batch: Sequence[Finish], now: float) -> list[bool]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("the database is away")
+        return super().finish(batch, now)
+
+
+async def test_a_booking_whose_finish_could_not_be_written_is_ended_with_the_failure() -> None:
+    """The completion could not be written within store_retry_s; the failure recorded once the
+    store was back held the lease (so nothing had been written) but not the booking, which kept
+    max_in_flight=1 taken for 15 minutes (adversarial trial)."""
+    store = _FinishFailsAtFirst(failures=1)  # the completion's one try (store_retry_s=0.05)
+    pipeline = Pipeline("p", (ModelStage("ask", ("m",), lambda c: Prompt("q"), max_attempts=2),))
+    run = store.create_run(
+        pipeline="p", name="n", stages=pipeline.specs, items=[NewItem("a", 1)], meta={},
+        now=time.time(),
+    )  # fmt: skip
+    settings = DispatcherSettings(store_retry_s=0.05, store_in_thread=False)
+    dispatcher = Dispatcher(
+        store, pipeline, ScriptedAdapter(), limits={"m": ModelLimits(max_in_flight=1)},
+        settings=settings, retry=RetryPolicy(base_delay_s=0.0, jitter=0.0),
+    )  # fmt: skip
+    with anyio.fail_after(10):
+        await dispatcher.run_until_idle()
+    assert store.items(run.id)[0].status is ItemStatus.COMPLETED  # on its second attempt
+    booked = store.reserve("m", ModelLimits(max_in_flight=1), 1, time.time())
+    assert not isinstance(booked, Deny), booked
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+async def test_a_deeply_nested_output_is_kept_by_every_store(
+    where: str, request: pytest.FixtureRequest
+) -> None:
+    """The memory store copied outputs with deepcopy, which recursed in Python and failed the
+    whole finish batch on a list 500 deep that JSON stores keep (adversarial trial)."""
+    from llm_batch_queue.store.sql import open_store
+
+    deep: object = "bottom"
+    for _ in range(500):
+        deep = [deep]
+
+    async def task(ctx: StageContext) -> object:
+        return deep if ctx.item and ctx.item.key == "deep" else "ok"
+
+    store: Store = (
+        MemoryStore() if where == "memory" else open_store(request.getfixturevalue("sqlite_url"))
+    )
+    pipeline = Pipeline("p", (TaskStage("t", task, max_attempts=1),))
+    run = store.create_run(
+        pipeline="p", name="n", stages=pipeline.specs,
+        items=[NewItem("deep", 1), NewItem("flat", 2)], meta={}, now=0.0,
+    )  # fmt: skip
+    try:
+        await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
+        items = {i.key: i for i in store.items(run.id)}
+    finally:
+        store.close()
+    assert items["deep"].outputs["t"] == deep and items["flat"].outputs["t"] == "ok"

@@ -274,6 +274,9 @@ class Dispatcher:
         # the rate booking of each job in flight until a finish carries it to the store; one
         # left when the job ends (lease lost, timed out, crashed, stopped) is ended on its own
         self._booked: dict[str, Used] = {}
+        # jobs whose finish could not be written within store_retry_s: it may have committed,
+        # so a later write of theirs that finds the lease gone leaves their booking alone
+        self._unsure: set[str] = set()
         self._429_streak: dict[str, int] = {}
         self._in_flight = 0
         self._ended = 0  # jobs that have left the dispatcher, finished or not
@@ -551,16 +554,21 @@ class Dispatcher:
             for p, ok in zip(batch, held, strict=True):
                 p.held = ok
                 settled = settled or not isinstance(p.finish, Release)
+            # a finish whose lease was lost changed nothing, its booking included, which would
+            # hold its model's in-flight place until IN_FLIGHT_TTL_S. After a retry (or an
+            # earlier write of the job's that failed), a lease not held may be one of our own
+            # lost commits ended: left alone
+            lost = [
+                p.finish.used
+                for p, ok in zip(batch, held, strict=True)
+                if first_try and not ok and p.finish.used is not None
+                and p.finish.lease.job_id not in self._unsure
+            ]  # fmt: skip
             batch[0].written.set()
             if settled:
                 self._drain_wake.set()
-            if first_try:
-                # a finish whose lease was lost changed nothing, its booking included, which
-                # would hold its model's in-flight place until IN_FLIGHT_TTL_S. After a retry,
-                # a lease not held may be one our first try's lost commit ended: left alone
-                for p, ok in zip(batch, held, strict=True):
-                    if not ok and p.finish.used is not None:
-                        await self._end_booking(p.finish.used)
+            for used in lost:
+                await self._end_booking(used)
 
     async def _write(self, batch: list[Finish]) -> tuple[list[bool], bool] | Exception:
         """Store.finish, tried again while the store is away (a database restarting) for up to
@@ -582,11 +590,44 @@ class Dispatcher:
 
     async def _end_booking(self, used: Used) -> None:
         """Give the store a booking no finish carried (shielded: a stopping dispatcher ends
-        its jobs' bookings too). A store that is away leaves it to IN_FLIGHT_TTL_S."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await self._db(
-                self.store.reconcile, used.reservation, used.tokens, used.sent_at, sent=used.sent
-            )
+        its jobs' bookings too). Tried a few times (a pooled connection may have died with a
+        restart); a store that stays away leaves it to IN_FLIGHT_TTL_S."""
+        with anyio.CancelScope(shield=True):
+            for delay in (0.05, 0.2, None):
+                try:
+                    await self._db(
+                        self.store.reconcile,
+                        used.reservation,
+                        used.tokens,
+                        used.sent_at,
+                        sent=used.sent,
+                    )
+                    return
+                except Exception:
+                    if delay is None:
+                        return
+                    await anyio.sleep(delay)
+
+    async def _hand_back(self, job_id: str, lease: Lease) -> None:
+        """The dispatcher is stopping: release the job now rather than after its lease, with
+        its booking. Tried again like _end_booking; not known to be written, the booking is
+        left alone (the finally of _run_job), as the job is to its lease."""
+        now = self.clock.now()
+        used = self._booked.get(job_id)
+        stopped = Release(lease, now, "dispatcher stopped", used)
+        for attempt, delay in enumerate((0.05, 0.2, None)):
+            try:
+                (held,) = await self._db(self.store.finish, [stopped], now)
+            except Exception:
+                if delay is None:
+                    self._unsure.add(job_id)
+                    return
+                await anyio.sleep(delay)
+                continue
+            self._booked.pop(job_id, None)
+            if used is not None and not held and attempt == 0:
+                await self._end_booking(used)  # the lease was lost: the Release did nothing
+            return
 
     async def _heartbeats(self) -> None:
         """Renew every lease in flight, in one transaction per beat."""
@@ -719,18 +760,16 @@ class Dispatcher:
                 await self._crashed(claimed, lease_box[0], TimeoutError())
         except anyio.get_cancelled_exc_class():
             # the dispatcher is stopping: hand the job back now rather than after the lease
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                now = self.clock.now()
-                used = self._booked.pop(job.id, None)
-                stopped = Release(lease_box[0], now, "dispatcher stopped", used)
-                if not (await self._db(self.store.finish, [stopped], now))[0] and used:
-                    await self._end_booking(used)  # the lease was lost: the Release did nothing
+            with anyio.CancelScope(shield=True):
+                await self._hand_back(job.id, lease_box[0])
             raise
         finally:
             self._live.pop(job.id, None)
             self._prepared.pop(job.id, None)
-            if (used := self._booked.pop(job.id, None)) is not None:
+            used = self._booked.pop(job.id, None)
+            if used is not None and job.id not in self._unsure:
                 await self._end_booking(used)
+            self._unsure.discard(job.id)
             self._in_flight -= 1
             self._ended += 1
             self._wake.set()
@@ -740,8 +779,6 @@ class Dispatcher:
         # no more heartbeats: the job is being finished (a renewal racing the commit would
         # find it no longer running and call the lease lost)
         live = self._live.pop(done.lease.job_id, None)
-        if done.used is not None:
-            self._booked.pop(done.lease.job_id, None)
         if self._batch_written is None:
             self._batch_written = anyio.Event()
         pending = _Pending(done, self._batch_written)
@@ -756,7 +793,12 @@ class Dispatcher:
                 await pending.written.wait()
             raise
         if pending.error is not None:
+            if done.used is not None:  # not known to be written: still this job's to end
+                self._booked[done.lease.job_id] = done.used
+                self._unsure.add(done.lease.job_id)
             raise pending.error
+        if done.used is not None:
+            self._booked.pop(done.lease.job_id, None)  # the store has it (or, lease lost, _flush)
         if not pending.held:
             self.stats.leases_lost += 1
             self._emit(events.LeaseLost(done.lease.job_id, live[1] if live else ""))
@@ -782,7 +824,8 @@ class Dispatcher:
             stage = self.pipeline.stage(claimed.job.stage)
             models = stage.models if isinstance(stage, ModelStage) else ()
             model = models[claimed.job.model_index] if models else None
-            await self._record_failure(claimed, lease, models, error, self.clock.now(), model)
+            used = self._booked.pop(claimed.job.id, None)  # ended with the failure if it holds
+            await self._record_failure(claimed, lease, models, error, self.clock.now(), model, used)
         except Exception as again:
             self.stats.store_errors += 1
             self._emit(
@@ -1175,7 +1218,7 @@ def _unstorable(output: JSON) -> str | None:
     commit, failing the finish of every job written with it), or None."""
     try:
         text = json.dumps(output, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         return f"the stage's output cannot be stored as JSON: {exc}"
     # json.dumps escapes both kinds, so the walk runs only when the text shows one
     if _ESCAPED_BAD_CHAR.search(text) and (bad := _bad_char(output)) is not None:

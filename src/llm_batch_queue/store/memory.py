@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import threading
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -550,14 +551,14 @@ class MemoryStore:
             self._jobs[job.id] = replace(
                 job,
                 status=JobStatus.SUCCEEDED,
-                output=copy.deepcopy(output),
+                output=_as_stored(output),
                 attempts=job.attempts + (1 if result.counted else 0),
                 last_error=None,
             )
             del self._leases[job.id]
             if job.item_id is not None:
                 item = self._items[job.item_id]
-                outputs = {**item.outputs, job.stage: copy.deepcopy(output)}
+                outputs = {**item.outputs, job.stage: _as_stored(output)}
                 self._items[item.id] = replace(item, outputs=outputs)
             self._after_settle(job, now)
 
@@ -874,3 +875,11 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+def _as_stored(output: JSON) -> JSON:
+    """A copy of `output` as a SQL store gives it back (through JSON: dict keys become
+    strings, tuples lists), so what passes on memory passes on SQL; deepcopy also recursed in
+    Python, failing on outputs nested a few hundred deep that JSON stores keep."""
+    stored: JSON = json.loads(json.dumps(output))
+    return stored
