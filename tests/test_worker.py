@@ -129,8 +129,9 @@ def test_sigterm_lets_the_jobs_in_flight_finish_and_claims_nothing_more(
     store.close()
 
 
+@pytest.mark.parametrize("more", [0, 3])
 def test_a_second_signal_hands_the_jobs_in_flight_back_at_once(
-    pg_url: str, tmp_path: Path, worker: Callable[..., subprocess.Popen[str]]
+    pg_url: str, tmp_path: Path, worker: Callable[..., subprocess.Popen[str]], more: int
 ) -> None:
     store = SQLStore(pg_url)
     run_id = _create(store, ["a", "b"])
@@ -139,7 +140,9 @@ def test_a_second_signal_hands_the_jobs_in_flight_back_at_once(
     _wait_for(running, 30, "two calls in flight")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    for _ in range(1 + more):  # more: Ctrl-C pressed again and again, which hung it
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.001)
     _out, err = proc.communicate(timeout=20)  # well before the 60-s calls would have finished
     assert proc.returncode == 0, err
     asks = [j for j in store.jobs(run_id) if j.stage == "ask"]
@@ -149,12 +152,15 @@ def test_a_second_signal_hands_the_jobs_in_flight_back_at_once(
     store.close()
 
 
+@pytest.mark.parametrize("burst", [1, 4])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_a_one_shot_dispatch_and_hands_its_jobs_back(
-    pg_url: str, tmp_path: Path, sig: signal.Signals
+    pg_url: str, tmp_path: Path, sig: signal.Signals, burst: int
 ) -> None:
     """`dispatch` (cron) died of SIGTERM on the spot, its jobs leased for a minute, and printed a
-    KeyboardInterrupt traceback on Ctrl-C (new user's trial): it now stops as `run` does."""
+    KeyboardInterrupt traceback on Ctrl-C (new user's trial): it now stops as `run` does. A
+    burst of signals (Ctrl-C pressed again and again) hung it, or left a traceback and its jobs
+    leased (adversarial trial): the later ones are taken and ignored."""
     store = SQLStore(pg_url)
     run_id = _create(store, ["a", "b"])
     proc = subprocess.Popen(
@@ -166,7 +172,9 @@ def test_a_signal_stops_a_one_shot_dispatch_and_hands_its_jobs_back(
     try:
         running = lambda: sum(j.status is JobStatus.RUNNING for j in store.jobs(run_id)) == 2  # noqa: E731
         _wait_for(running, 30, "two calls in flight")
-        proc.send_signal(sig)
+        for _ in range(burst):
+            proc.send_signal(sig)
+            time.sleep(0.001)
         out, err = proc.communicate(timeout=20)  # well before the 60-s calls would end
     finally:
         if proc.poll() is None:

@@ -40,7 +40,7 @@ from llm_batch_queue.simulator import Simulator
 from llm_batch_queue.store.base import Purge, Store
 from llm_batch_queue.store.sql import open_store
 from llm_batch_queue.store.sql.engine import WRITE, make_engine
-from llm_batch_queue.worker import WorkerApp, cancel_on_signal, serve
+from llm_batch_queue.worker import WorkerApp, serve, stoppable
 
 
 @dataclass
@@ -166,20 +166,21 @@ class ElevraApp:
             nonlocal stopped
             # one event loop for the calls and the client's close: its connections belong to it
             try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(cancel_on_signal, tg.cancel_scope, stop)
-                    if until_idle and time_budget_s is None and max_jobs is None:
-                        await dispatcher.run_until_idle(run_id=run_id)
-                    else:
-                        await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
-                    tg.cancel_scope.cancel()
+                await stoppable(work, stop)
             finally:
                 assert parts.close is not None
                 await parts.close()
 
-        def stop() -> None:  # Ctrl-C or a supervisor's SIGTERM
+        async def work() -> None:
+            if until_idle and time_budget_s is None and max_jobs is None:
+                await dispatcher.run_until_idle(run_id=run_id)
+            else:
+                await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+
+        def stop(scope: anyio.CancelScope) -> None:  # Ctrl-C or a supervisor's SIGTERM
             nonlocal stopped
             stopped = True
+            scope.cancel()
 
         anyio.run(drive)
         if stopped:

@@ -27,7 +27,7 @@ from llm_batch_queue._imports import load_attribute
 from llm_batch_queue.dispatch import DispatcherSettings, DispatchStats
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.store.base import Store
-from llm_batch_queue.worker import AppFactory, Wakeups, WorkerApp, cancel_on_signal, serve
+from llm_batch_queue.worker import AppFactory, Wakeups, WorkerApp, serve, stoppable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ArgumentError, NoSuchModuleError, OperationalError) as exc:
         print(f"error: cannot use the database {args.db}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the dispatcher ran (importing, opening the store)
+        print(f"{args.command}: interrupted before it started", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,15 +109,16 @@ async def _once(
     dispatcher = app.dispatcher(store)
     stopped = False
 
-    def stop() -> None:
+    async def work() -> None:
+        await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
+
+    def stop(scope: anyio.CancelScope) -> None:
         nonlocal stopped
         stopped = True
+        scope.cancel()
 
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(cancel_on_signal, tg.cancel_scope, stop)
-            await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
-            tg.cancel_scope.cancel()
+        await stoppable(work, stop)
     finally:
         if app.close is not None:
             with anyio.CancelScope(shield=True):

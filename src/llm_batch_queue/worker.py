@@ -69,15 +69,22 @@ async def serve(
     """Run `app` on `store` until `stop` is set (or a signal arrives), then shut down cleanly."""
     stop = stop or anyio.Event()
     dispatcher = app.dispatcher(store)
-    try:
+
+    async def work() -> None:
         async with anyio.create_task_group() as tg:
-            if handle_signals:
-                tg.start_soon(_on_signals, stop, tg.cancel_scope)
             if wakeups is not None:
                 tg.start_soon(wakeups, dispatcher.wake)
             tg.start_soon(_grace, stop, grace_s, tg.cancel_scope)
             await dispatcher.run_forever(stop)
             tg.cancel_scope.cancel()
+
+    def on_signal(scope: anyio.CancelScope) -> None:
+        if stop.is_set():
+            scope.cancel()  # a second signal: hand the jobs in flight back now
+        stop.set()
+
+    try:
+        await (stoppable(work, on_signal) if handle_signals else work())
     finally:
         if app.close is not None:
             with anyio.CancelScope(shield=True):
@@ -85,24 +92,27 @@ async def serve(
     return dispatcher.stats
 
 
-async def _on_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            if stop.is_set():
-                scope.cancel()  # a second signal: hand the jobs in flight back now
-                return
-            stop.set()
+async def stoppable(
+    work: Callable[[], Awaitable[None]], on_signal: Callable[[anyio.CancelScope], None]
+) -> None:
+    """Run `work` with SIGINT and SIGTERM calling `on_signal` with its cancel scope (a one-shot
+    dispatch cancels it: it stops at its next await, never halfway through a store transaction,
+    and hands its jobs back). The signals are received until `work` has ended, its shielded
+    hand-backs included: a burst of Ctrl-C must not become a KeyboardInterrupt halfway
+    through them (it left jobs leased and the process hanging on its worker threads)."""
+    async with anyio.create_task_group() as outer:
+        with anyio.CancelScope() as scope:
+            outer.start_soon(_forward_signals, scope, on_signal)
+            await work()
+        outer.cancel_scope.cancel()
 
 
-async def cancel_on_signal(scope: anyio.CancelScope, on_signal: Callable[[], None]) -> None:
-    """Cancel `scope` at the first SIGINT or SIGTERM, after calling `on_signal`: a one-shot
-    dispatch stops at its next await, never halfway through a store transaction, and hands
-    its jobs in flight back."""
+async def _forward_signals(
+    scope: anyio.CancelScope, on_signal: Callable[[anyio.CancelScope], None]
+) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
-            on_signal()
-            scope.cancel()
-            return
+            on_signal(scope)
 
 
 async def _grace(stop: anyio.Event, grace_s: float, scope: anyio.CancelScope) -> None:
