@@ -187,3 +187,23 @@ def test_injected_429s_carry_retry_info_and_admit_nothing() -> None:
         assert "PerMinute" in details["QuotaFailure"]["violations"][0]["quotaId"]
         assert len(sim.admissions()[MODEL]) == 40 - len(refused)
         assert sim.stats()[MODEL].rate_limited["injected"] == len(refused)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (lambda request: 1 / 0, "ZeroDivisionError"),
+        (lambda request: {"a": 1}, "TypeError: returned dict, not str"),
+    ],
+)
+def test_a_responder_that_fails_is_the_clients_500_with_the_reason(
+    answer: Any, reason: str
+) -> None:
+    """It dropped the connection, the traceback only on the simulator's stderr (adversarial
+    trial of --responder)."""
+    with Simulator({MODEL: ModelConfig()}, responder=answer) as sim:
+        with httpx2.Client(base_url=sim.url, headers=KEY) as http:
+            reply = http.post(GENERATE, json=prompt("hi"))
+        assert reply.status_code == 500
+        assert f"the simulator's responder failed: {reason}" in reply.json()["error"]["message"]
+        assert sim.stats()[MODEL].requests_by_status == {500: 1}

@@ -174,10 +174,19 @@ class GeminiService:
                 )
             response_id = f"sim-{next(self._response_ids):08d}"
 
-        # The responder is user code and may be slow: it runs outside the lock.
-        text, finish_reason = _apply_output_fault(
-            self._responder(parse_request(model, body)), fault
-        )
+        # The responder is user code and may be slow: it runs outside the lock. Its failure is
+        # the client's 500 with the reason (it used to drop the connection, the traceback only
+        # on the simulator's stderr)
+        try:
+            answer = self._responder(parse_request(model, body))
+            if not isinstance(answer, str):
+                raise TypeError(f"returned {type(answer).__name__}, not str")
+        except Exception as exc:
+            with self._lock:
+                entry.tally.statuses[500] += 1
+            reason = f"the simulator's responder failed: {type(exc).__name__}: {exc}"
+            return Reply(500, payloads.error(500, "INTERNAL", reason[:500]), latency)
+        text, finish_reason = _apply_output_fault(answer, fault)
         max_tokens = (body.get("generationConfig") or {}).get("maxOutputTokens")
         if text is not None and max_tokens is not None and token_count(len(text)) > max_tokens:
             text, finish_reason = text[: int(max_tokens) * 4], "MAX_TOKENS"
