@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from llm_batch_queue.errors import (
     RateLimited,
     TransientError,
 )
-from llm_batch_queue.jobs import ItemStatus, JobStatus, Lease, NewItem, RunStatus, Scope
+from llm_batch_queue.jobs import Item, ItemStatus, JobStatus, Lease, NewItem, RunStatus, Scope
 from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.notify import MemoryTransport, Message, OutboxDelivery
 from llm_batch_queue.pipeline import ModelStage, Pipeline, Prompt, StageContext, TaskStage
@@ -556,6 +556,22 @@ async def test_a_small_run_created_later_is_not_starved_by_a_big_one(
     store.close()
 
 
+async def _run_task(
+    store: Store, task: Callable[[StageContext], Awaitable[object]], keys: Sequence[str]
+) -> dict[str, Item]:
+    """Each item, by key, once a pipeline of the one task stage `t` has run them (one attempt
+    each) on `store`, which is closed then."""
+    pipeline = Pipeline("p", (TaskStage("t", task, max_attempts=1),))
+    new = [NewItem(k, n) for n, k in enumerate(keys)]
+    run = store.create_run(pipeline="p", name="n", stages=pipeline.specs, items=new, meta={}, now=0)
+    try:
+        with anyio.fail_after(20):
+            await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
+        return {i.key: i for i in store.items(run.id)}
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("where", ["memory", "sqlite"])
 async def test_an_output_that_is_not_json_fails_its_job_at_once(where: str, tmp_path: Path) -> None:
     # a SQL store refused it only at the commit, which the flusher took for an outage and
@@ -566,17 +582,7 @@ async def test_an_output_that_is_not_json_fails_its_job_at_once(where: str, tmp_
         return {"when": object()} if ctx.item and ctx.item.key == "bad" else {"ok": 1}
 
     store: Store = MemoryStore() if where == "memory" else open_store(f"sqlite:///{tmp_path}/q.db")
-    pipeline = Pipeline("odd", (TaskStage("t", odd, max_attempts=1),))
-    run = store.create_run(
-        pipeline="odd", name="n", stages=pipeline.specs,
-        items=[NewItem("bad", 1), NewItem("good", 2)], meta={}, now=0.0,
-    )  # fmt: skip
-    try:
-        with anyio.fail_after(20):
-            await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
-        items = {i.key: i for i in store.items(run.id)}
-    finally:
-        store.close()
+    items = await _run_task(store, odd, ["bad", "good"])
     assert items["good"].status is ItemStatus.COMPLETED
     assert items["bad"].status is ItemStatus.NEEDS_REUPLOAD
     assert "cannot be stored as JSON" in (items["bad"].error or "")
@@ -873,14 +879,5 @@ async def test_a_deeply_nested_output_is_kept_by_every_store(
     store: Store = (
         MemoryStore() if where == "memory" else open_store(request.getfixturevalue("sqlite_url"))
     )
-    pipeline = Pipeline("p", (TaskStage("t", task, max_attempts=1),))
-    run = store.create_run(
-        pipeline="p", name="n", stages=pipeline.specs,
-        items=[NewItem("deep", 1), NewItem("flat", 2)], meta={}, now=0.0,
-    )  # fmt: skip
-    try:
-        await Dispatcher(store, pipeline, clock=FakeClock()).run_until_idle()
-        items = {i.key: i for i in store.items(run.id)}
-    finally:
-        store.close()
+    items = await _run_task(store, task, ["deep", "flat"])
     assert items["deep"].outputs["t"] == deep and items["flat"].outputs["t"] == "ok"
