@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 from _worker_app import PIPELINE, app
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from llm_batch_queue import JobStatus, NewItem, RunStatus
@@ -321,3 +321,53 @@ def test_a_dispatch_that_finds_only_a_dead_workers_jobs_says_when_they_are_taken
     at = time.strftime("%H:%M:%S", time.localtime(dead.lease.expires_at))
     assert f"the first ending at {at} (in " in out.err
     assert "so this dispatch ends: a later one takes them over" in out.err  # it does not wait
+
+
+def test_a_worker_started_before_its_database_is_up_waits_for_it(
+    pg_admin: Engine, tmp_path: Path
+) -> None:
+    """It exited at once ("cannot use the database …"): a worker restarted while PostgreSQL
+    restarted stayed down (the chaos bench). Here the database comes into being a moment
+    after the worker starts; the worker says it waits, then serves it."""
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    name = f"lbq_test_{uuid.uuid4().hex}"
+    url = make_url(pg_admin.url).set(database=name).render_as_string(hide_password=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_batch_queue.cli", "worker", "--app", "_worker_app:app",
+         "--db", url],
+        env=_env(tmp_path / "effects.txt"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)  # it tries, fails, says so and sleeps
+        assert proc.poll() is None
+        with pg_admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        _wait_for(lambda: _listening(url), 30, "the worker to serve the new database")
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "database not reachable yet, retrying:" in err
+        assert f'database "{name}" does not exist' in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        with pg_admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_worker_whose_database_never_comes_says_why_and_exits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import llm_batch_queue.cli as cli
+
+    monkeypatch.setattr(cli, "WORKER_DB_WAIT_S", 1.0)
+    nowhere = "postgresql+psycopg://postgres@127.0.0.1:1/none"  # nothing listens on port 1
+    assert cli_main(["worker", "--app", "_worker_app:app", "--db", nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "database not reachable yet, retrying:" in err
+    assert "error: cannot use the database" in err

@@ -25,6 +25,7 @@ from examples.elevra_upload.app import ElevraApp, open_app
 from examples.elevra_upload.config import AppConfig
 from examples.elevra_upload.ingest import IngestError
 from llm_batch_queue import events
+from llm_batch_queue.cli import wait_for_database
 from llm_batch_queue.dispatch import DispatchStats
 from llm_batch_queue.errors import ConfigError
 from llm_batch_queue.jobs import ItemStatus
@@ -153,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 print(json.dumps({k: getattr(DispatchStats(), k) for k in DispatchStats.__slots__}))
             return 0
+        if args.command == "worker":
+            wait_for_database(_database(args))  # started while it restarts: wait, not exit
         with open_app(config, args.out, args.db, simulate=simulate and calls_models) as app:
             if args.command == "run":
                 return _run(app, args)

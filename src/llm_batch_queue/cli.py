@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from llm_batch_queue.store.sql import holds_queue, open_store
 
+    if args.command == "worker":
+        wait_for_database(args.db)
     if not holds_queue(args.db):  # most often a mistyped --db: say what is being set up
         print(f"{args.db}: no queue there yet: creating its tables", file=sys.stderr)
     store = open_store(args.db)
@@ -124,6 +126,21 @@ async def _once(
             with anyio.CancelScope(shield=True):
                 await app.close()
     return dispatcher.stats, stopped
+
+
+def wait_for_database(url: str) -> None:
+    """A worker started while its database is down waits for it (up to WORKER_DB_WAIT_S) and
+    says so, instead of exiting: supervisors start workers at boot, and restarts happen."""
+    from llm_batch_queue.store.sql.engine import wait_until_reachable
+
+    def say(exc: Exception) -> None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"database not reachable yet, retrying: {first}", file=sys.stderr, flush=True)
+
+    wait_until_reachable(url, WORKER_DB_WAIT_S, say)
+
+
+WORKER_DB_WAIT_S = 120.0
 
 
 def load_app(spec: str) -> AppFactory:

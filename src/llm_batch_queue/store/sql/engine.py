@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
 from llm_batch_queue.errors import ConfigError
@@ -135,3 +137,30 @@ def _wal(cursor: sqlite3.Cursor) -> None:
 def _on_begin(conn: Connection) -> None:
     write = conn.get_execution_options().get(WRITE, False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def wait_until_reachable(
+    url: str | Path, timeout_s: float, on_retry: Callable[[Exception], None] | None = None
+) -> None:
+    """Connect to `url` until it answers or `timeout_s` has passed (then its error is raised):
+    a worker started while its database is still starting or restarting (a supervisor at boot,
+    a restart mid-deploy) waits for it instead of exiting. SQLite answers at once."""
+    if make_url(to_url(url)).get_backend_name() == "sqlite":
+        return
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    engine = make_engine(url)
+    try:
+        while True:
+            try:
+                with engine.connect():
+                    return
+            except OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    finally:
+        engine.dispose()
