@@ -18,6 +18,7 @@ import pytest
 from llm_batch_queue import transitions
 from llm_batch_queue.errors import LeaseLost
 from llm_batch_queue.jobs import (
+    JSON,
     AttemptResult,
     ClaimedJob,
     GiveUp,
@@ -168,6 +169,33 @@ class StoreContract:
     def test_item_keys_are_unique_within_a_run(self, store: Store) -> None:
         with pytest.raises(ValueError):
             new_run(store, keys=("a", "a"))
+        assert store.list_runs() == []
+
+    @pytest.mark.parametrize(
+        ("items", "meta", "error"),
+        [
+            ([NewItem("a\x00", 1)], {}, "item key 'a\\x00' cannot be stored as JSON: it "
+             "contains U+0000 (NUL)"),
+            ([NewItem("a", {"t": "cut \ud83d"})], {}, "item 'a': its payload cannot be stored "
+             "as JSON: it contains a lone surrogate, U+D83D"),
+            ([NewItem("a", [float("nan")])], {}, "item 'a': its payload cannot be stored as "
+             "JSON: Out of range float values are not JSON compliant"),
+            ([NewItem("a", 1)], {"by": object()}, "the run's meta cannot be stored as JSON: "
+             "Object of type object is not JSON serializable"),
+        ],
+    )  # fmt: skip
+    def test_a_submission_no_store_could_keep_is_refused_whole_and_alike(
+        self, store: Store, items: list[NewItem], meta: JSON, error: str
+    ) -> None:
+        """PostgreSQL refused these with a driver error; memory and SQLite took them, so what
+        passed in tests failed in production (adversarial trial). Every store now says which
+        item and why, and writes nothing."""
+        with pytest.raises(ValueError) as refused:
+            store.create_run(
+                pipeline="p", name="run", stages=STAGES, items=[NewItem("ok", 0), *items],
+                meta=meta, now=T0,
+            )  # fmt: skip
+        assert str(refused.value) == error
         assert store.list_runs() == []
 
     # claiming -----------------------------------------------------------------------------------

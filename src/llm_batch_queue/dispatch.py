@@ -17,11 +17,9 @@ import contextlib
 import contextvars
 import functools
 import hashlib
-import json
 import math
 import os
 import random
-import re
 import socket
 import uuid
 from collections.abc import Callable, Coroutine, Generator, Mapping
@@ -59,6 +57,7 @@ from llm_batch_queue.limits import Deny, ModelLimits
 from llm_batch_queue.limits_config import DEFAULT_KEY
 from llm_batch_queue.pipeline import ModelStage, Pipeline, StageContext, TaskStage
 from llm_batch_queue.retry import ModelBlock, RetryPolicy, decide
+from llm_batch_queue.storable import unstorable
 from llm_batch_queue.store.base import (
     Booking,
     Completion,
@@ -1216,34 +1215,8 @@ def _adapter_map(
 def _unstorable(output: JSON) -> str | None:
     """Why a stage's output cannot be kept by every store (a SQL store would refuse it at the
     commit, failing the finish of every job written with it), or None."""
-    try:
-        text = json.dumps(output, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return f"the stage's output cannot be stored as JSON: {exc}"
-    # json.dumps escapes both kinds, so the walk runs only when the text shows one
-    if _ESCAPED_BAD_CHAR.search(text) and (bad := _bad_char(output)) is not None:
-        return f"the stage's output cannot be stored as JSON: it contains {bad}"
-    return None
-
-
-# PostgreSQL's jsonb refuses NUL; no store can encode a lone UTF-16 surrogate as UTF-8 (a JSON
-# parser makes one of a "\ud83d" escape, as in a model reply cut inside an emoji)
-_ESCAPED_BAD_CHAR = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _bad_char(value: object) -> str | None:
-    if isinstance(value, str):
-        if "\x00" in value:
-            return "U+0000 (NUL)"
-        if found := _SURROGATE.search(value):
-            return f"a lone surrogate, U+{ord(found.group()):04X}"
-        return None
-    if isinstance(value, dict):
-        return next((bad for k, v in value.items() if (bad := _bad_char(k) or _bad_char(v))), None)
-    if isinstance(value, list | tuple):
-        return next((bad for v in value if (bad := _bad_char(v))), None)
-    return None
+    why = unstorable(output)
+    return None if why is None else f"the stage's output {why}"
 
 
 def _sent_at(started: float, send_delay_s: float | None) -> float | None:

@@ -45,6 +45,7 @@ from llm_batch_queue.limits import (
     slot_time,
     window_slot,
 )
+from llm_batch_queue.storable import check_new_run
 from llm_batch_queue.store._ledger import LedgerChange, booked, reconciled
 from llm_batch_queue.store._memory_tables import ItemTable, JobTable
 from llm_batch_queue.store.admin import (
@@ -114,9 +115,7 @@ class MemoryStore:
         now: float,
         notify: Collection[str] = (),
     ) -> Run:
-        keys = [new.key for new in items]
-        if len(set(keys)) != len(keys):  # the SQL store's UNIQUE(run_id, key)
-            raise ValueError("item keys must be unique within a run")
+        check_new_run(name, meta, items)
         with self._lock:
             base = self._virtual_time(pipeline, now)  # before this run's jobs exist
             run = Run(uuid.uuid4().hex, pipeline, name, RunStatus.RUNNING, meta, now, None)

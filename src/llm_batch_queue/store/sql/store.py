@@ -39,6 +39,7 @@ from llm_batch_queue.jobs import (
     StageSpec,
 )
 from llm_batch_queue.limits import Deny, ModelLimits
+from llm_batch_queue.storable import check_new_run
 from llm_batch_queue.store.base import (
     Claim,
     Completion,
@@ -140,9 +141,7 @@ class SQLStore:
         now: float,
         notify: Collection[str] = (),
     ) -> Run:
-        keys = [new.key for new in items]
-        if len(set(keys)) != len(keys):
-            raise ValueError("item keys must be unique within a run")
+        check_new_run(name, meta, items)
         run_id = uuid.uuid4().hex
         spec = graph.RunSpec(dict(stages), frozenset(notify))
         item_rows = [_item_row(run_id, i, new) for i, new in enumerate(items)]
