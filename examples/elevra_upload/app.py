@@ -160,13 +160,11 @@ class ElevraApp:
         """
         parts = self.worker_app(on_event)
         dispatcher = parts.dispatcher(self.store)
-        stopped = False
 
-        async def drive() -> None:
-            nonlocal stopped
+        async def drive() -> bool:
             # one event loop for the calls and the client's close: its connections belong to it
             try:
-                await stoppable(work, stop)
+                return await stoppable(work)  # Ctrl-C or a supervisor's SIGTERM: True
             finally:
                 assert parts.close is not None
                 await parts.close()
@@ -177,13 +175,7 @@ class ElevraApp:
             else:
                 await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
 
-        def stop(scope: anyio.CancelScope) -> None:  # Ctrl-C or a supervisor's SIGTERM
-            nonlocal stopped
-            stopped = True
-            scope.cancel()
-
-        anyio.run(drive)
-        if stopped:
+        if anyio.run(drive):
             raise KeyboardInterrupt
         return dispatcher.stats
 

@@ -81,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     if not holds_queue(args.db):  # most often a mistyped --db: say what is being set up
         print(f"{args.db}: no queue there yet: creating its tables", file=sys.stderr)
     store = open_store(args.db)
+    stopped = False  # by a signal (dispatch)
     try:
         if args.command == "migrate":
             print(f"{args.db}: schema at the newest revision", file=sys.stderr)
@@ -109,18 +110,12 @@ async def _once(
 ) -> tuple[DispatchStats, bool]:
     """run_once, stopped by SIGINT/SIGTERM (True then) like a worker, not killed mid-job."""
     dispatcher = app.dispatcher(store)
-    stopped = False
 
     async def work() -> None:
         await dispatcher.run_once(time_budget_s=time_budget_s, max_jobs=max_jobs)
 
-    def stop(scope: anyio.CancelScope) -> None:
-        nonlocal stopped
-        stopped = True
-        scope.cancel()
-
     try:
-        await stoppable(work, stop)
+        stopped = await stoppable(work)
     finally:
         if app.close is not None:
             with anyio.CancelScope(shield=True):

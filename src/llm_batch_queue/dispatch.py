@@ -570,63 +570,62 @@ class Dispatcher:
                 await self._end_booking(used)
 
     async def _write(self, batch: list[Finish]) -> tuple[list[bool], bool] | Exception:
-        """Store.finish, tried again while the store is away (a database restarting) for up to
-        store_retry_s: the batch is conditional on each lease, so a second try after a commit
-        whose answer was lost changes nothing. With whether the first try answered."""
-        deadline = anyio.current_time() + self.settings.store_retry_s
+        """Store.finish, tried again for up to store_retry_s (see _retrying): the batch is
+        conditional on each lease, so a second try after a commit whose answer was lost
+        changes nothing. With whether the first try answered; the error if none did."""
+        try:
+            return await self._retrying(
+                self.settings.store_retry_s, lambda: self.store.finish(batch, self.clock.now())
+            )
+        except Exception as exc:
+            return exc
+
+    async def _retrying(self, retry_s: float, call: Callable[[], T]) -> tuple[T, bool]:
+        """`call` in the store, tried again while the store is away (a database restarting,
+        a pooled connection that died with it) for up to retry_s; with whether the first try
+        answered. The last error once retry_s has passed."""
+        deadline = anyio.current_time() + retry_s
         delay = 0.05
         first_try = True
         while True:
             try:
-                return await self._db(self.store.finish, batch, self.clock.now()), first_try
-            except Exception as exc:
+                return await self._db(call), first_try
+            except Exception:
                 first_try = False
                 self.stats.store_errors += 1
                 if anyio.current_time() + delay > deadline:
-                    return exc
+                    raise
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     async def _end_booking(self, used: Used) -> None:
         """Give the store a booking no finish carried (shielded: a stopping dispatcher ends
-        its jobs' bookings too). Tried a few times (a pooled connection may have died with a
-        restart); a store that stays away leaves it to IN_FLIGHT_TTL_S."""
-        with anyio.CancelScope(shield=True):
-            for delay in (0.05, 0.2, None):
-                try:
-                    await self._db(
-                        self.store.reconcile,
-                        used.reservation,
-                        used.tokens,
-                        used.sent_at,
-                        sent=used.sent,
-                    )
-                    return
-                except Exception:
-                    if delay is None:
-                        return
-                    await anyio.sleep(delay)
+        its jobs' bookings too). Tried for a moment; a store that stays away leaves it to
+        IN_FLIGHT_TTL_S."""
+
+        def reconcile() -> None:
+            self.store.reconcile(used.reservation, used.tokens, used.sent_at, sent=used.sent)
+
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self._retrying(_END_RETRY_S, reconcile)
 
     async def _hand_back(self, job_id: str, lease: Lease) -> None:
         """The dispatcher is stopping: release the job now rather than after its lease, with
-        its booking. Tried again like _end_booking; not known to be written, the booking is
-        left alone (the finally of _run_job), as the job is to its lease."""
+        its booking. Tried for a moment; not known to be written, the booking is left alone
+        (the finally of _run_job), as the job is to its lease."""
         now = self.clock.now()
         used = self._booked.get(job_id)
         stopped = Release(lease, now, "dispatcher stopped", used)
-        for attempt, delay in enumerate((0.05, 0.2, None)):
-            try:
-                (held,) = await self._db(self.store.finish, [stopped], now)
-            except Exception:
-                if delay is None:
-                    self._unsure.add(job_id)
-                    return
-                await anyio.sleep(delay)
-                continue
-            self._booked.pop(job_id, None)
-            if used is not None and not held and attempt == 0:
-                await self._end_booking(used)  # the lease was lost: the Release did nothing
+        try:
+            (held,), first_try = await self._retrying(
+                _END_RETRY_S, lambda: self.store.finish([stopped], now)
+            )
+        except Exception:
+            self._unsure.add(job_id)
             return
+        self._booked.pop(job_id, None)
+        if used is not None and not held and first_try:
+            await self._end_booking(used)  # the lease was lost: the Release did nothing
 
     async def _heartbeats(self) -> None:
         """Renew every lease in flight, in one transaction per beat."""
@@ -1142,6 +1141,7 @@ class Dispatcher:
 
 
 _UNLIMITED = ModelLimits()
+_END_RETRY_S = 0.3  # a job's last writes as it ends (three tries): the dispatcher may be stopping
 
 
 def _limits_by_model(

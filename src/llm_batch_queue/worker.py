@@ -93,25 +93,36 @@ async def serve(
 
 
 async def stoppable(
-    work: Callable[[], Awaitable[None]], on_signal: Callable[[anyio.CancelScope], None]
-) -> None:
-    """Run `work` with SIGINT and SIGTERM calling `on_signal` with its cancel scope (a one-shot
-    dispatch cancels it: it stops at its next await, never halfway through a store transaction,
-    and hands its jobs back). The signals are received until `work` has ended, its shielded
-    hand-backs included: a burst of Ctrl-C must not become a KeyboardInterrupt halfway
-    through them (it left jobs leased and the process hanging on its worker threads)."""
+    work: Callable[[], Awaitable[None]],
+    on_signal: Callable[[anyio.CancelScope], None] | None = None,
+) -> bool:
+    """Run `work` with SIGINT and SIGTERM calling `on_signal` with its cancel scope (by default
+    cancelling it: a one-shot dispatch stops at its next await, never halfway through a store
+    transaction, and hands its jobs back); True if a signal came. The signals are received
+    until `work` has ended, its shielded hand-backs included: a burst of Ctrl-C must not
+    become a KeyboardInterrupt halfway through them (it left jobs leased and the process
+    hanging on its worker threads)."""
+    signalled: list[int] = []
     async with anyio.create_task_group() as outer:
         with anyio.CancelScope() as scope:
-            outer.start_soon(_forward_signals, scope, on_signal)
+            outer.start_soon(_forward_signals, scope, on_signal or _cancel, signalled)
             await work()
         outer.cancel_scope.cancel()
+    return bool(signalled)
+
+
+def _cancel(scope: anyio.CancelScope) -> None:
+    scope.cancel()
 
 
 async def _forward_signals(
-    scope: anyio.CancelScope, on_signal: Callable[[anyio.CancelScope], None]
+    scope: anyio.CancelScope,
+    on_signal: Callable[[anyio.CancelScope], None],
+    signalled: list[int],
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
+        async for signum in signals:
+            signalled.append(signum)
             on_signal(scope)
 
 
